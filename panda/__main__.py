@@ -1,0 +1,3 @@
+from panda.cli import main
+
+main()

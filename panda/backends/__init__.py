@@ -1,0 +1,2 @@
+"""Training backends (single, ddp, fsdp, deepspeed, ds_pipeline, fairscale) and
+inference backends (hf, ds, tp)."""

@@ -1,0 +1,1 @@
+"""Model shapes (presets), loading helpers and pipeline layer specs."""

@@ -1,0 +1,238 @@
+"""The contract of each plugin kind: what a third-party package implements.
+
+A plugin is a class with
+
+* ``Options``: a pydantic model of its recipe keys (``extra="forbid"``; give
+  every field a ``description``: it feeds ``panda plugins show`` and the recipe
+  reference). Subclass :class:`Options` to get those settings.
+* the methods of its kind, below.
+
+It is registered by an entry point in the package's pyproject, e.g.::
+
+    [project.entry-points."panda.optimizers"]
+    sophia = "my_pkg.sophia:Sophia"
+
+Plugin modules must import quickly: import torch, transformers or any heavy
+package *inside* methods, never at module level, because ``panda recipe
+validate`` loads the plugin to validate its options and must stay light.
+Raise :class:`panda.errors.PandaError` (or use :func:`panda.errors.require`)
+for anything the user can fix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # only for annotations; never imported at run time here
+    import torch
+
+
+class Options(BaseModel):
+    """Base of every plugin's options: unknown keys are errors, defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class Plugin:
+    """Base of every plugin kind. ``options`` is the validated ``Options`` instance."""
+
+    Options: ClassVar[type[BaseModel]] = Options
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring; shown by ``panda plugins``."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def check_recipe(cls, options: BaseModel, recipe: Any) -> None:
+        """Reject combinations this plugin cannot honor, at validation time.
+
+        Raise ``ValueError("what is wrong; what to do")``; the recipe loader
+        reports it with this plugin's section and file:line. Called after every
+        section is validated, so ``recipe`` is the whole resolved Recipe.
+        """
+
+
+class ModelPlugin(Plugin):
+    """Builds the model and tokenizer named in ``[model]``.
+
+    Example::
+
+        class Tiny(ModelPlugin):
+            '''A two-layer Llama for tests.'''
+            class Options(Options):
+                hidden: int = 64
+            presets = {"tiny": {"model_type": "llama", "hidden_size": 64}}
+            def build(self, ctx):
+                from transformers import LlamaConfig, LlamaForCausalLM
+                return LlamaForCausalLM(LlamaConfig(hidden_size=self.options.hidden))
+            def tokenizer(self, ctx): ...
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def build(self, ctx: Any) -> "torch.nn.Module":
+        """Return the causal LM (a ``transformers.PreTrainedModel`` where possible)."""
+        raise NotImplementedError
+
+    def tokenizer(self, ctx: Any) -> Any:
+        """Return a ``transformers`` tokenizer for this model."""
+        raise NotImplementedError
+
+
+class DatasetPlugin(Plugin):
+    """Reads one data format (``[[data.sources]] name = ...``) into token examples.
+
+    ``records`` yields ``(where, record)`` where ``where`` is ``"path:line"`` so
+    errors point at the line; ``encode`` turns one record into token lists.
+    Labels are ``-100`` on every token that carries no loss.
+
+    Example::
+
+        class Poems(DatasetPlugin):
+            '''One poem per line, all tokens trained.'''
+            def records(self, path):
+                for i, line in enumerate(open(path, encoding="utf-8"), 1):
+                    yield f"{path}:{i}", {"text": line.rstrip("\\n")}
+            def encode(self, record, tokenizer, ctx):
+                ids = tokenizer(record["text"])["input_ids"]
+                return {"input_ids": ids, "labels": list(ids)}
+    """
+
+    default_path: ClassVar[str | None] = None
+
+    def records(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def encode(self, record: dict[str, Any], tokenizer: Any, ctx: Any) -> dict[str, list[int]]:
+        raise NotImplementedError
+
+
+class MethodPlugin(Plugin):
+    """A training objective (``[method]``): turns a batch into a loss.
+
+    ``loss`` returns the *sum* of per-unit losses and the number of units
+    (target tokens, or pairs for preference methods). The trainer divides the
+    sum by the unit count of the whole optimizer step, across micro-batches and
+    ranks, so gradient accumulation and data parallelism change nothing but speed.
+
+    Example::
+
+        class Lm(MethodPlugin):
+            '''Next-token prediction on every labelled token.'''
+            def loss(self, model, batch):
+                import torch.nn.functional as F
+                logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+                labels = batch["labels"][:, 1:]
+                total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                        ignore_index=-100, reduction="sum")
+                return total, (labels != -100).sum(), {}
+    """
+
+    data_format: ClassVar[str] = "lm"  # "lm" (input_ids/labels) or "pair" (chosen/rejected)
+
+    def prepare(self, model: "torch.nn.Module", ctx: Any) -> "torch.nn.Module":
+        """Adapt the model before the backend wraps it (a reward head, a reference copy)."""
+        return model
+
+    def loss(self, model: "torch.nn.Module", batch: dict[str, Any]
+             ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]:
+        raise NotImplementedError
+
+
+class OptimizerPlugin(Plugin):
+    """Builds a ``torch.optim.Optimizer`` (``[optim] name``).
+
+    ``param_groups`` arrive split by the trainer: weight decay is already set
+    to 0 for biases and norm weights. ``lr`` is the recipe's peak rate.
+
+    Example::
+
+        class Sgd(OptimizerPlugin):
+            '''Plain SGD with momentum.'''
+            class Options(Options):
+                momentum: float = 0.9
+            def build(self, param_groups, lr):
+                import torch
+                return torch.optim.SGD(param_groups, lr=lr, momentum=self.options.momentum)
+    """
+
+    def build(self, param_groups: list[dict[str, Any]], lr: float) -> "torch.optim.Optimizer":
+        raise NotImplementedError
+
+
+class SchedulerPlugin(Plugin):
+    """A learning-rate schedule (``[schedule] name``) as a factor of the peak rate.
+
+    Pure Python so it is trivial to test. Warm-up is the trainer's: it passes
+    ``warmup_steps`` already resolved from warmup_steps / warmup_proportion.
+
+    Example::
+
+        class Step(SchedulerPlugin):
+            '''Halve the rate every 1000 steps.'''
+            def factor(self, step, total_steps, warmup_steps):
+                return 0.5 ** (step // 1000)
+    """
+
+    def factor(self, step: int, total_steps: int, warmup_steps: int) -> float:
+        raise NotImplementedError
+
+
+class TrainBackend(Plugin):
+    """Runs optimizer steps for the trainer (``[backend] name``).
+
+    The trainer loop is engine-agnostic: it hands the backend one optimizer
+    step's micro-batches and gets metrics back, so engines that own backward and
+    the step (DeepSpeed, DeepSpeed pipeline) fit without special cases.
+    """
+
+    def setup(self, job: Any) -> None:
+        """Wrap the model and build optimizer and scheduler (or let the engine do it)."""
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches``; returns loss, grad_norm, lr, tokens..."""
+        raise NotImplementedError
+
+    def eval_step(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """(loss sum, unit count) of one batch without gradients."""
+        raise NotImplementedError
+
+    def save(self, path: str) -> None:
+        """Write the full resumable state (model, optimizer, scheduler) under ``path``."""
+        raise NotImplementedError
+
+    def load(self, path: str) -> None:
+        raise NotImplementedError
+
+    def export(self, path: str) -> None:
+        """Write Hugging Face weights (or a peft adapter folder) under ``path``."""
+        raise NotImplementedError
+
+
+class InferBackend(Plugin):
+    """Loads a trained model and generates text (``panda infer --backend``)."""
+
+    def load(self, model_path: str, adapter: str | None = None) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], **sampling: Any) -> Iterator[tuple[int, str]]:
+        """Yield (prompt index, text piece); pieces of one prompt come in order."""
+        raise NotImplementedError
+
+
+KIND_BASES: dict[str, type[Plugin]] = {
+    "model": ModelPlugin,
+    "dataset": DatasetPlugin,
+    "method": MethodPlugin,
+    "optimizer": OptimizerPlugin,
+    "scheduler": SchedulerPlugin,
+    "backend": TrainBackend,
+    "infer_backend": InferBackend,
+}

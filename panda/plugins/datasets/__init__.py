@@ -1,0 +1,1 @@
+"""Built-in dataset plugins: one module per record format."""

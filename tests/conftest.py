@@ -1,0 +1,26 @@
+"""Shared test fixtures. Tests never download: tiny models from config, local data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_panda():
+    """Run the real `panda` CLI in a subprocess; returns CompletedProcess (text)."""
+
+    def run(*args: str, cwd: Path | str = ROOT, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("PANDA_DEBUG", None)
+        return subprocess.run([sys.executable, "-m", "panda", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
