@@ -76,20 +76,23 @@ class Registry:
             return self._entries
         entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         group_to_kind = {group: kind for kind, group in KINDS.items()}
-        seen: set[tuple[str, str, str]] = set()
         for dist in metadata.distributions():
             package = dist.metadata["Name"] or "?"
             for ep in dist.entry_points:
                 kind = group_to_kind.get(ep.group)
-                if kind is None or (kind, ep.name, ep.value) in seen:
-                    continue  # the same distribution visible twice on sys.path
-                seen.add((kind, ep.name, ep.value))
+                if kind is None:
+                    continue
                 entry = Entry(kind, ep.name, ep.value, package, dist.version)
                 other = entries[kind].get(ep.name)
-                if other is not None and other.package != package:
-                    self._conflicts.setdefault((kind, ep.name), [other]).append(entry)
+                if other is None:
+                    entries[kind][ep.name] = entry
                     continue
-                entries[kind][ep.name] = entry
+                # Packages seen again (another copy further down sys.path) are skipped:
+                # the first copy is the one Python imports, so its entry stays.
+                claimants = self._conflicts.setdefault((kind, ep.name), [other])
+                if all(c.package != package for c in claimants):
+                    claimants.append(entry)
+        self._conflicts = {key: found for key, found in self._conflicts.items() if len(found) > 1}
         self._entries = entries
         return entries
 
@@ -105,16 +108,25 @@ class Registry:
 
     def entry(self, kind: str, name: str) -> Entry:
         entries = self.entries(kind)
-        if name not in self._local[kind] and (kind, name) in self._conflicts:
-            claimants = self._conflicts[(kind, name)]
-            packages = " and ".join(sorted(e.package for e in claimants))
+        claimants = self.claimants(kind, name)
+        if len(claimants) > 1:
+            packages = sorted(e.package for e in claimants)
             raise PluginError(
-                f"{kind} '{name}' is claimed by two packages: {packages}",
-                hint="uninstall one of them",
+                f"{kind} '{name}' is claimed by {len(packages)} packages: "
+                f"{', '.join(packages[:-1])} and {packages[-1]}",
+                hint="uninstall all but one of them",
             )
         if name not in entries:
             raise PluginError(unknown_name_message(kind, name, list(entries)))
         return entries[name]
+
+    def claimants(self, kind: str, name: str) -> list[Entry]:
+        """Every entry that registers ``name``: one, or several when packages clash."""
+        if name in self._local[kind]:
+            return [self._local[kind][name]]  # an in-process registration overrides them
+        if (kind, name) in self._conflicts:
+            return list(self._conflicts[(kind, name)])
+        return [self._scan()[kind][name]] if name in self._scan()[kind] else []
 
     def get(self, kind: str, name: str) -> Any:
         """The plugin class registered as ``name``, imported now if it was not yet."""
@@ -136,18 +148,16 @@ class Registry:
 
     def check(self) -> list[tuple[Entry, str | None]]:
         """Import every plugin; return (entry, error or None) for each."""
-        report = []
+        report: list[tuple[Entry, str | None]] = []
         for kind in KINDS:
-            for (k, name), claimants in self._conflicts.items():
-                if k == kind:
-                    for entry in claimants:
-                        report.append((entry, f"name '{name}' also claimed by another package"))
-            for entry in self.entries(kind).values():
+            for name in self.entries(kind):
                 try:
-                    entry.load()
-                    report.append((entry, None))
+                    self.get(kind, name)
+                    error = None
                 except Exception as exc:  # report every failure, do not stop at the first
-                    report.append((entry, str(exc)))
+                    error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                # A clash fails the name for every package that claims it: list each.
+                report.extend((entry, error) for entry in self.claimants(kind, name))
         return report
 
     def reset(self) -> None:
