@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from panda import registry
 from panda.errors import PandaError, RecipeError
-from panda.recipe_schema import (PLUGIN_SECTIONS, DataSection, PluginSection, Recipe,
-                                 SourceSection)
+from panda.recipe_schema import (PLUGIN_SECTIONS, DataSection, InvalidKey, PluginSection,
+                                 Recipe, SourceSection)
 from panda.toml_io import _split_key, dumps, format_path, key_lines
 
 Origins = dict[tuple, str]  # key path -> "file:line" or "--set k=v"
@@ -34,10 +34,6 @@ def read_recipe(path: str | FsPath, _chain: tuple[FsPath, ...] = ()) -> tuple[di
     file = FsPath(path)
     shown = str(path)
     resolved = file.resolve()
-    if resolved in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
-        raise RecipeError(f"extends cycle: {cycle}", key="extends", where=shown,
-                          hint="remove one of the extends lines")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -50,10 +46,7 @@ def read_recipe(path: str | FsPath, _chain: tuple[FsPath, ...] = ()) -> tuple[di
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
-        message = str(exc).split(" (at line")[0]
-        raise RecipeError(f"invalid TOML: {message}", where=f"{shown}:{line}" if line else shown,
-                          hint="see https://toml.io for the syntax") from None
+        raise _toml_syntax_error(exc, text, shown) from None
     origins = {key: f"{shown}:{line}" for key, line in key_lines(text).items()}
     parent = data.pop("extends", None)
     if parent is None:
@@ -61,14 +54,35 @@ def read_recipe(path: str | FsPath, _chain: tuple[FsPath, ...] = ()) -> tuple[di
     if not isinstance(parent, str):
         raise RecipeError("must be a path string", key="extends", where=origins.get(("extends",)))
     parent_file = (file.parent / parent)
+    chain = (*_chain, resolved)
+    if parent_file.resolve() in chain:
+        # Reported at the extends line that closes the loop, in the file that has it.
+        cycle = " -> ".join(p.name for p in (*chain, parent_file.resolve()))
+        raise RecipeError(f"extends cycle: {cycle}", key="extends",
+                          where=origins.get(("extends",), shown),
+                          hint="remove one of the extends lines")
     try:
-        parent_data, parent_origins = read_recipe(parent_file, (*_chain, resolved))
+        parent_data, parent_origins = read_recipe(parent_file, chain)
     except FileNotFoundError:
         raise RecipeError(f"extended recipe not found: {parent_file}", key="extends",
                           where=origins.get(("extends",), shown),
                           hint="paths in extends are relative to the recipe that names them"
                           ) from None
     return merge(parent_data, parent_origins, data, origins)
+
+
+def _toml_syntax_error(exc: tomllib.TOMLDecodeError, text: str, shown: str) -> RecipeError:
+    """A located error for a file tomllib rejects, naming the key on that line if any."""
+    message = str(exc)
+    line = getattr(exc, "lineno", None) or _line_from_message(message)
+    if line is None and "end of document" in message:
+        line = max(1, len(text.splitlines()))  # e.g. an array never closed
+    message = re.sub(r" \(at (line \d+, column \d+|end of document)\)$", "", message)
+    keys_here = [path for path, at in key_lines(text).items() if at == line]
+    key = format_path(max(keys_here, key=len)) if keys_here else None
+    return RecipeError(f"invalid TOML: {message}", key=key,
+                       where=f"{shown}:{line}" if line else shown,
+                       hint="see https://toml.io for the syntax")
 
 
 def _line_from_message(message: str) -> int | None:
@@ -122,7 +136,8 @@ def parse_override(text: str) -> tuple[tuple, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         if not raw or raw[0] in "[{\"'" or "\n" in raw:
-            raise RecipeError(f"bad --set '{text}': the value is not valid TOML",
+            raise RecipeError("the value is not valid TOML", key=format_path(path),
+                              where=f"--set {text}",
                               hint="quote strings, e.g. --set 'run.name=\"a b\"'") from None
         value = raw
     return path, value
@@ -134,9 +149,7 @@ def apply_override(data: dict, origins: Origins, text: str) -> None:
     for depth, part in enumerate(path[:-1]):
         nxt = path[depth + 1]
         if isinstance(part, int):
-            if not isinstance(target, list) or part >= len(target):
-                raise RecipeError(f"no element {part} to --set", key=format_path(path[:depth + 1]),
-                                  where=f"--set {text}")
+            _check_index(target, path[:depth + 1], text)
             target = target[part]
             continue
         if not isinstance(target, dict):
@@ -144,15 +157,23 @@ def apply_override(data: dict, origins: Origins, text: str) -> None:
         target = target.setdefault(part, [] if isinstance(nxt, int) else {})
     last = path[-1]
     if isinstance(last, int):
-        if not isinstance(target, list) or last >= len(target):
-            raise RecipeError(f"no element {last} to --set", key=format_path(path),
-                              where=f"--set {text}")
+        _check_index(target, path, text)
     elif not isinstance(target, dict):
         raise RecipeError("is not a table", key=format_path(path[:-1]), where=f"--set {text}")
     target[last] = value
     for old in [p for p in origins if p[:len(path)] == path]:
         del origins[old]
     origins[path] = f"--set {text}"
+
+
+def _check_index(target: Any, path: tuple, text: str) -> None:
+    """``--set`` may change an existing array element but not invent one."""
+    if not isinstance(target, list):
+        raise RecipeError("is not an array", key=format_path(path[:-1]), where=f"--set {text}")
+    if path[-1] >= len(target):
+        raise RecipeError(f"index {path[-1]} is out of range: {format_path(path[:-1])} has "
+                          f"{len(target)} element(s)", key=format_path(path),
+                          where=f"--set {text}")
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -295,12 +316,17 @@ class _Locator:
                         allowed: list[str] | None = None, owner: str = "") -> RecipeError:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, InvalidKey):  # a model validator that knows which key is wrong
+            loc = (*loc, *cause.key)
         path = (*prefix, *loc)
         kind = first["type"]
         if kind == "extra_forbidden":
             names = allowed or _allowed_at(exc.title)
             owner = owner or (f"[{format_path(path[:-1])}]" if len(path) > 1 else "the recipe")
             return self.error(path, _unknown_key(str(loc[-1]), names, owner))
+        if kind == "missing" and isinstance(path[-1], int):  # a fixed-length array, too short
+            return self.error(path[:-1], "has too few items")
         if kind == "missing":
             return self.error(path, "required key is missing")
         message = first["msg"].removeprefix("Value error, ")
@@ -322,8 +348,7 @@ def _unknown_key(key: str, allowed: list[str], owner: str) -> str:
     message = f"unknown key '{key}'"
     if owner:
         message += f" for {owner}"
-    if close:
-        message += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    message += f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     return message + f" Allowed: {', '.join(allowed)}"
 
 

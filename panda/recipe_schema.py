@@ -15,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 
+class InvalidKey(ValueError):
+    """A model validator's complaint about one key (path relative to the model).
+
+    Plain ValueErrors from model validators carry no location, so their errors
+    would point at the section header; this one lets the loader name the key
+    and its line. Plugins' ``Options`` validators may raise it too.
+    """
+
+    def __init__(self, key: str | tuple, message: str):
+        super().__init__(message)
+        self.key = (key,) if isinstance(key, str) else tuple(key)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -80,7 +93,8 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _some_weight(self) -> "DataSection":
         if not any(source.weight > 0 for source in self.sources):
-            raise ValueError("every source has weight 0; give at least one a positive weight")
+            raise InvalidKey("sources", "every source has weight 0; give at least one a "
+                             "positive weight")
         return self
 
 
@@ -109,7 +123,8 @@ class ScheduleSection(PluginSection):
     def _one_warmup(self) -> "ScheduleSection":
         if {"warmup_steps", "warmup_proportion"} <= self.model_fields_set and \
                 self.warmup_steps > 0 and self.warmup_proportion > 0:
-            raise ValueError("set warmup_steps or warmup_proportion, not both")
+            raise InvalidKey("warmup_proportion", "set warmup_steps or warmup_proportion, "
+                             "not both")
         return self
 
 
@@ -133,7 +148,8 @@ class TrainSection(Section):
     @model_validator(mode="after")
     def _steps(self) -> "TrainSection":
         if self.max_steps == 0:
-            raise ValueError("max_steps = 0 trains nothing; use -1 to train num_epochs")
+            raise InvalidKey("max_steps", "max_steps = 0 trains nothing; use -1 to train "
+                             "num_epochs")
         return self
 
 
