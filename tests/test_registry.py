@@ -267,6 +267,7 @@ def test_cli_keeps_working_with_a_broken_plugin_installed(run_panda, broken_site
     listed = run_panda("plugins", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "broken-opt  panda-broken-plugin 0.1" in listed.stdout
+    assert "twin-opt    panda-twin-a and panda-twin-b (clash: unusable)" in listed.stdout
 
     demo = run_panda("recipe", "validate", "recipes/demo.toml", env=env)
     assert demo.returncode == 0, demo.stderr  # it does not name the broken plugin

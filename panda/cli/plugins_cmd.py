@@ -36,6 +36,11 @@ def list_plugins(kind: str | None, check: bool) -> None:
             click.echo("  (none)")
         width = max((len(name) for name in entries), default=0)
         for name, entry in entries.items():
+            claimants = registry.registry.claimants(each, name)
+            if len(claimants) > 1:  # a clash: name every package, as the error will
+                packages = " and ".join(sorted(c.package for c in claimants))
+                click.echo(f"  {name.ljust(width)}  {packages} (clash: unusable)")
+                continue
             version = f" {entry.version}" if entry.version else ""
             click.echo(f"  {name.ljust(width)}  {entry.package}{version}")
 
