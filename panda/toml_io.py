@@ -159,7 +159,10 @@ def dumps(data: dict[str, Any], comments: dict[Path, str] | None = None) -> str:
     def emit_table(table: dict[str, Any], path: tuple, header: str | None) -> None:
         scalars = [(k, v) for k, v in table.items()
                    if v is not None and not isinstance(v, dict) and not _is_table_array(v)]
-        if header is not None and scalars:
+        # A table holding only sub-tables needs no header of its own, but an empty
+        # one does: `[lora]` with every key at its default still means "LoRA on".
+        empty = all(v is None for v in table.values())
+        if header is not None and (scalars or empty):
             out.append(header)
         for key, value in scalars:
             note = comments.get((*path, key))
