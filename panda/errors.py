@@ -74,6 +74,7 @@ def require(module: str, *, what: str, package: str | None = None, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        if exc.name is not None and not module.startswith(exc.name.split(".")[0]):
+        missing = exc.name or ""
+        if missing and not (module == missing or module.startswith(missing + ".")):
             raise  # the package is there but one of *its* imports failed: show that
         raise MissingDependencyError(what, package or module, extra) from exc

@@ -48,15 +48,20 @@ def schema() -> None:
     """Print the JSON schema of recipes, with every installed plugin's options."""
     import json
 
-    from panda.recipe_schema import PLUGIN_SECTIONS, SourceSection
     from panda import registry
+    from panda.errors import PandaError
+    from panda.recipe_schema import PLUGIN_SECTIONS, SourceSection
 
     document = _recipe_schema()
     plugins: dict[str, dict] = {}
     for section in (*PLUGIN_SECTIONS.values(), SourceSection):
         kind = section.kind
-        plugins[kind] = {name: registry.get(kind, name).Options.model_json_schema()
-                         for name in registry.names(kind)}
+        plugins[kind] = {}
+        for name in registry.names(kind):
+            try:  # a broken plugin must not break the schema of all the others
+                plugins[kind][name] = registry.get(kind, name).Options.model_json_schema()
+            except PandaError as exc:
+                plugins[kind][name] = {"x-panda-error": exc.message}
     document["x-panda-plugins"] = plugins
     click.echo(json.dumps(document, indent=2))
 
