@@ -47,7 +47,7 @@ def read_recipe(path: str | FsPath, _chain: tuple[FsPath, ...] = ()) -> tuple[di
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_syntax_error(exc, text, shown) from None
-    origins = {key: f"{shown}:{line}" for key, line in key_lines(text).items()}
+    origins = _file_origins(text, data, shown)
     parent = data.pop("extends", None)
     if parent is None:
         return data, origins
@@ -69,6 +69,35 @@ def read_recipe(path: str | FsPath, _chain: tuple[FsPath, ...] = ()) -> tuple[di
                           hint="paths in extends are relative to the recipe that names them"
                           ) from None
     return merge(parent_data, parent_origins, data, origins)
+
+
+def _file_origins(text: str, data: dict, shown: str) -> Origins:
+    """``file:line`` of every key written in ``text``, keys inside inline tables included."""
+    origins: Origins = {}
+    lines = text.splitlines()
+    for path, line in key_lines(text).items():
+        origins[path] = f"{shown}:{line}"
+        if not lines[line - 1].lstrip().startswith("["):  # `key = {...}`, not a [table]
+            _spread_origin(origins, path, _get(data, path), f"{shown}:{line}")
+    return origins
+
+
+def _spread_origin(origins: Origins, path: tuple, value: Any, origin: str) -> None:
+    """Give every key nested in an inline value the origin of the line that holds it."""
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        origins.setdefault((*path, key), origin)
+        _spread_origin(origins, (*path, key), item, origin)
+
+
+def _get(data: Any, path: tuple) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _toml_syntax_error(exc: tomllib.TOMLDecodeError, text: str, shown: str) -> RecipeError:
@@ -164,6 +193,7 @@ def apply_override(data: dict, origins: Origins, text: str) -> None:
     for old in [p for p in origins if p[:len(path)] == path]:
         del origins[old]
     origins[path] = f"--set {text}"
+    _spread_origin(origins, path, value, f"--set {text}")
 
 
 def _check_index(target: Any, path: tuple, text: str) -> None:

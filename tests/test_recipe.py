@@ -337,6 +337,17 @@ def test_show_origin_names_the_parent_file(run_panda, family):
     assert origins[("optim", "lr")] == f"{family}:11"
 
 
+def test_keys_inside_inline_tables_and_set_tables_have_their_origin(tmp_path):
+    # Regression: these were reported as "default" by `show --origin`.
+    path = write(tmp_path / "inline.toml", 'model = { preset = "tiny-llama", dtype = "float32" }\n'
+                 'data = { sources = [{ name = "instruction", path = "x.jsonl" }] }\n')
+    _, origins = load_with_origins(path, ["lora={r = 8}"])
+    assert origins[("model", "dtype")] == f"{path}:1"
+    assert origins[("data", "sources", 0, "path")] == f"{path}:2"
+    assert origins[("lora", "r")] == "--set lora={r = 8}"
+    assert ("model", "attn") not in origins and ("lora", "alpha") not in origins
+
+
 # -- recipe schema -------------------------------------------------------------------------
 
 def test_schema_is_json_with_every_section_and_plugin(run_panda):
