@@ -176,6 +176,8 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     message = f"unknown {kind} '{name}'"
     if close:
         message += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    else:
+        message += "."
     message += f" Installed: {', '.join(known) if known else 'none'}"
     return message
 

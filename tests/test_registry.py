@@ -105,7 +105,7 @@ def test_unknown_name_without_close_match_still_lists_installed(site):
     make_dist(site, "pkg-opts", optimizers(adamw="m:A"))
     with pytest.raises(PluginError) as caught:
         Registry().get("optimizer", "sophia")
-    assert caught.value.message == "unknown optimizer 'sophia' Installed: adamw"
+    assert caught.value.message == "unknown optimizer 'sophia'. Installed: adamw"
 
 
 def test_unknown_kind_is_an_error():
