@@ -120,6 +120,12 @@ class MethodPlugin(Plugin):
     (target tokens, or pairs for preference methods). The trainer divides the
     sum by the unit count of the whole optimizer step, across micro-batches and
     ranks, so gradient accumulation and data parallelism change nothing but speed.
+    ``units`` gives that count *before* the forward pass, so the trainer can sum
+    it over the step's micro-batches and ranks first.
+
+    Batches are unshifted: ``labels[:, t]`` is the label of ``input_ids[:, t]``
+    and ``logits[:, t]`` predicts ``labels[:, t + 1]``; ``-100`` means no loss.
+    Every batch key but ``labels`` and ``_``-prefixed metadata goes to the model.
 
     Example::
 
@@ -132,6 +138,8 @@ class MethodPlugin(Plugin):
                 total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                         ignore_index=-100, reduction="sum")
                 return total, (labels != -100).sum(), {}
+            def units(self, batch):
+                return int((batch["labels"][:, 1:] != -100).sum())
     """
 
     data_format: ClassVar[str] = "lm"  # "lm" (input_ids/labels) or "pair" (chosen/rejected)
@@ -142,6 +150,14 @@ class MethodPlugin(Plugin):
 
     def loss(self, model: "torch.nn.Module", batch: dict[str, Any]
              ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]:
+        """(fp32 sum of per-unit losses, unit count, metrics to log) of one micro-batch."""
+        raise NotImplementedError
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """Loss units in ``batch``, counted without a forward pass; equals ``loss``'s count.
+
+        Call it on the host copy of the batch: counting on a GPU waits for the device.
+        """
         raise NotImplementedError
 
 
