@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from panda.plugins.api import TrainBackend
+from panda.backends.base import TorchBackend
 
 
-class Single(TrainBackend):
+class Single(TorchBackend):
     """One process, one device (CPU, or the first GPU)."""

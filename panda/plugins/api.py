@@ -203,33 +203,90 @@ class SchedulerPlugin(Plugin):
 class TrainBackend(Plugin):
     """Runs optimizer steps for the trainer (``[backend] name``).
 
-    The trainer loop is engine-agnostic: it hands the backend one optimizer
-    step's micro-batches and gets metrics back, so engines that own backward and
-    the step (DeepSpeed, DeepSpeed pipeline) fit without special cases.
+    The trainer loop (``panda.train.loop``) is engine-agnostic: it hands the
+    backend one optimizer step's micro-batches and gets metrics back. Backward,
+    gradient synchronisation, clipping, the optimizer and the schedule all live
+    behind ``train_step``, so engines that own them (DeepSpeed's
+    ``engine.backward``/``engine.step``, DeepSpeed pipeline's
+    ``engine.train_batch(data_iter)``) fit without special cases in the loop.
+    Eager PyTorch backends (single, ddp, fsdp...) share
+    :class:`panda.backends.base.TorchBackend`.
+
+    The job calls, in this order::
+
+        dist = backend.init_distributed()   # before anything big is built
+        backend.setup(job)                  # wrap the model, build optimizer + schedule
+        backend.load(checkpoint_dir)        # only when resuming
+        backend.train_step(micro_batches)   # once per optimizer step
+        backend.eval_step(batch)            # evaluation, summed with all_reduce_sum
+        backend.save(checkpoint_dir)        # every rank calls it; see save()
+        backend.export(final_dir, tokenizer)
+        backend.close()
+
+    Loss normalisation (DESIGN section 6) is the backend's duty: the step's loss
+    is the sum of ``method.loss`` sums over every micro-batch on every rank,
+    divided by the step's total ``method.units`` (all-reduced before the
+    forward pass), so accumulation and data parallelism change only speed.
     """
 
+    def init_distributed(self) -> Any:
+        """Join the process group if this backend needs one; return a ``DistInfo``.
+
+        Called first, from the launched process (torchrun sets RANK, WORLD_SIZE,
+        LOCAL_RANK, MASTER_ADDR and MASTER_PORT).
+        """
+        raise NotImplementedError
+
     def setup(self, job: Any) -> None:
-        """Wrap the model and build optimizer and scheduler (or let the engine do it)."""
+        """Place and wrap ``job.model``, build optimizer and scheduler (or let the engine).
+
+        ``job`` carries ``model``, ``method``, ``recipe``, ``dist``, ``tokenizer``,
+        ``total_steps``, and the factories ``build_optimizer(model)`` and
+        ``build_scheduler(optimizer)`` that engines owning the optimizer may ignore
+        (then they must honour ``job.recipe.optim`` and ``job.schedule_factor``).
+        """
         raise NotImplementedError
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches``; returns loss, grad_norm, lr, tokens..."""
+        """One optimizer step over this rank's ``micro_batches``.
+
+        Returns floats that are equal on every rank: ``loss`` (normalised over
+        the step's units), ``grad_norm`` (before clipping), ``lr`` (used by
+        this step), ``units`` and ``tokens`` (totals over ranks), and
+        ``nonfinite`` (1.0 when the loss or gradients were not finite and the
+        update was skipped; a loss-scale overflow in fp16 is not counted).
+        """
         raise NotImplementedError
 
     def eval_step(self, batch: dict[str, Any]) -> tuple[float, int]:
-        """(loss sum, unit count) of one batch without gradients."""
+        """(loss sum, unit count) of one batch on this rank, without gradients."""
         raise NotImplementedError
 
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over ranks (identity on one process)."""
+        return list(values)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
+
     def save(self, path: str) -> None:
-        """Write the full resumable state (model, optimizer, scheduler) under ``path``."""
+        """Write the full resumable engine state (model, optimizer, schedule, scaler) under ``path``.
+
+        Every rank calls it with the same (shared) folder; write what each rank
+        owns (rank 0 alone for replicated state, every rank its shard).
+        """
         raise NotImplementedError
 
     def load(self, path: str) -> None:
+        """Restore what ``save`` wrote; called after ``setup``."""
         raise NotImplementedError
 
-    def export(self, path: str) -> None:
-        """Write Hugging Face weights (or a peft adapter folder) under ``path``."""
+    def export(self, path: str, tokenizer: Any) -> None:
+        """Write a Hugging Face folder (weights, config, tokenizer, generation config) under ``path``."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the process group and free what ``setup`` built."""
 
 
 class InferBackend(Plugin):

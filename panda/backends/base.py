@@ -1,0 +1,268 @@
+"""What eager PyTorch training backends share: one optimizer step, done right.
+
+The contract every backend implements is ``panda.plugins.api.TrainBackend``
+(engines that own backward and the optimizer, like DeepSpeed, implement it
+directly). ``TorchBackend`` implements it for backends where panda itself
+runs forward, backward, clipping and the optimizer: ``single``, ``ddp`` and
+later ``fsdp``. A subclass changes only how the model is wrapped, how
+gradients are synchronised, and how numbers are summed across ranks.
+
+``setup`` applies its transforms in this order, and the order matters:
+
+1. precision: trainable weights to fp32 (master weights) before anything
+   holds a reference to them;
+2. device placement, before wrapping (DDP and FSDP wrap device-resident
+   modules);
+3. ``torch.compile`` of the bare module (in place, so state-dict keys stay the
+   model's own and checkpoints load with or without compile);
+4. the parallel wrapper (``wrap``);
+5. optimizer and schedule from the bare module's parameters, after wrapping
+   (FSDP replaces parameters when it shards them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from panda.errors import PandaError
+from panda.plugins.api import TrainBackend
+
+ENGINE_STATE = "engine_state.pt"  # optimizer, schedule and loss scaler
+MODEL_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: its rank, how many ranks there are, its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def default_device(local_rank: int = 0) -> str:
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class TorchBackend(TrainBackend):
+    """Forward, backward, clipping and the optimizer step in plain PyTorch."""
+
+    # DDP averages gradients over ranks; a backend that does so sets this to the
+    # world size so the loss it backpropagates is scaled back to a plain sum.
+    averages_gradients_over_ranks = False
+
+    # -- the lifecycle --------------------------------------------------------------------
+    def init_distributed(self) -> DistInfo:
+        if env_world_size() > 1:
+            raise PandaError(f"backend '{type(self).__name__.lower()}' runs one process, but "
+                             f"WORLD_SIZE={env_world_size()}",
+                             hint="set backend.name = \"ddp\" (or \"auto\") for several processes")
+        self.dist = DistInfo(device=default_device())
+        return self.dist
+
+    def setup(self, job: Any) -> None:
+        import torch
+
+        from panda.backends.precision import Precision
+
+        self.job = job
+        self.dist = job.dist
+        self.method = job.method
+        self.device = torch.device(self.dist.device)
+        self.precision = Precision(job.recipe.train.precision, self.device.type)
+        model = job.model
+        self.export_dtype = _floating_dtype(model)
+        self.precision.prepare_model(model)
+        model.to(self.device)
+        if job.recipe.train.compile:
+            model.compile()
+        self.unwrapped = model
+        self.model = self.wrap(model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = job.build_optimizer(model)
+        self.scheduler = job.build_scheduler(self.optimizer)
+        self.scaler = self.precision.grad_scaler()
+        self.max_grad_norm = job.recipe.optim.max_grad_norm
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def wrap(self, model: Any) -> Any:
+        """The module forward passes go through (DDP, FSDP...); the bare one here."""
+        return model
+
+    def gradient_sync(self, last_micro_batch: bool) -> Any:
+        """Context for one micro-batch's forward+backward; DDP syncs only on the last."""
+        return nullcontext()
+
+    def all_reduce_sum_(self, tensor: Any) -> Any:
+        """Sum ``tensor`` over ranks in place."""
+        return tensor
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        return self.all_reduce_sum_(tensor).tolist()
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        import torch
+
+        self.model.train()
+        # Units are counted before the forward pass, on the host: no device sync, and every
+        # rank learns the step's total before its first backward.
+        local_units = sum(int(self.method.units(batch)) for batch in micro_batches)
+        local_tokens = sum(int(batch["input_ids"].numel()) for batch in micro_batches)
+        units, tokens = self.all_reduce_sum([local_units, local_tokens])
+        # Each micro-batch backpropagates sum / (units of the whole step), so the gradients add
+        # up to those of the step's mean loss whatever the split; a backend that averages
+        # gradients over ranks gets the world size back.
+        scale = (self.dist.world_size if self.averages_gradients_over_ranks else 1) / max(units, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)
+            with self.gradient_sync(index == len(micro_batches) - 1):
+                with self.precision.autocast():
+                    summed, _count, metrics = self.method.loss(self.model, batch)
+                scaled = summed * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += summed.detach().double()
+            for key, value in metrics.items():
+                extra[key] = extra.get(key, 0.0) + float(value) / len(micro_batches)
+        loss_total = float(self.all_reduce_sum_(loss_sum.unsqueeze(0))[0])
+        loss = loss_total / units if units else 0.0
+        result = self.optimizer_step(loss, skip=units == 0)
+        result.update(loss=loss, units=units, tokens=tokens)
+        result.update(self._mean_over_ranks(extra))
+        return result
+
+    def optimizer_step(self, loss: float, skip: bool = False) -> dict[str, float]:
+        """Unscale, clip, step (unless something is not finite), advance the schedule."""
+        import torch
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+        elif grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            norm = torch.zeros(())
+        grad_norm = float(norm)
+        lr = float(self.scheduler.get_last_lr()[0])
+        loss_finite = math.isfinite(loss)
+        if self.scaler is not None:
+            # An inf gradient under fp16 is the scaler's business (it lowers the scale and
+            # skips); only a non-finite loss is a real failure.
+            nonfinite = not loss_finite
+            if loss_finite and not skip:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            nonfinite = not (loss_finite and math.isfinite(grad_norm))
+            if not nonfinite and not skip:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if not metrics:
+            return {}
+        keys = sorted(metrics)
+        summed = self.all_reduce_sum([metrics[k] for k in keys])
+        return {k: v / self.dist.world_size for k, v in zip(keys, summed)}
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move tensors to the device; ``_``-prefixed keys are metadata and stay as they are."""
+        non_blocking = self.device.type == "cuda"
+        return {key: value.to(self.device, non_blocking=non_blocking)
+                if hasattr(value, "to") and not key.startswith("_") else value
+                for key, value in batch.items()}
+
+    # -- evaluation -----------------------------------------------------------------------
+    def eval_step(self, batch: dict[str, Any]) -> tuple[float, int]:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad(), self.precision.autocast():
+            summed, count, _ = self.method.loss(self.model, self.to_device(batch))
+        return float(summed), int(count)
+
+    # -- state ----------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        import torch
+        from safetensors.torch import save_model
+
+        if not self.dist.is_main:  # single and ddp hold identical replicas: rank 0 writes
+            return
+        folder = Path(path)
+        # save_model (not save_file) de-duplicates tied weights such as embeddings/lm_head.
+        save_model(self.unwrapped, str(folder / MODEL_WEIGHTS))
+        torch.save(self.engine_state(), folder / ENGINE_STATE)
+
+    def engine_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load(self, path: str) -> None:
+        import torch
+        from safetensors.torch import load_model
+
+        folder = Path(path)
+        load_model(self.unwrapped, str(folder / MODEL_WEIGHTS), device=str(self.device))
+        state = torch.load(folder / ENGINE_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def export(self, path: str, tokenizer: Any) -> None:
+        if self.dist.is_main:
+            export_hf_folder(self.unwrapped, tokenizer, path, self.export_dtype)
+        self.barrier()
+
+
+def _floating_dtype(model: Any) -> Any:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None) -> None:
+    """Save ``model`` as a Hugging Face folder, weights in ``dtype`` (the dtype it was built in)."""
+    import torch
+
+    if not hasattr(model, "save_pretrained"):
+        raise PandaError(f"cannot export a {type(model).__name__} as a Hugging Face folder",
+                         hint="the model plugin must build a transformers PreTrainedModel")
+    state = None
+    if dtype is not None and dtype != torch.float32:
+        # Master weights are fp32; ship them in the dtype the model came in.
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        model.config.dtype = dtype
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and tokenizer is not None:
+        for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if getattr(generation, field, None) is None:
+                setattr(generation, field, getattr(tokenizer, field, None))
+    model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

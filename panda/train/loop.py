@@ -1,0 +1,208 @@
+"""The training loop: engine-agnostic, the same for every backend.
+
+Per optimizer step it takes ``gradient_accumulation_steps`` micro-batches from
+the data, hands them to ``backend.train_step`` and gets equal-on-every-rank
+numbers back. Around that it keeps counters, evaluates, checkpoints, reports,
+honours SIGTERM/SIGINT (finish the step, save, stop cleanly) and stops a run
+whose loss keeps coming out non-finite before it can save broken weights.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from panda.errors import EXIT_FAILURE, PandaError
+from panda.train.checkpoint import Checkpointer
+from panda.train.metrics import MetricsLogger, Throughput, peak_memory_gb
+
+NONFINITE_LIMIT = 5  # consecutive non-finite steps that stop the run
+
+
+class TrainingDiverged(PandaError):
+    """The loss was not finite for several steps in a row."""
+
+    exit_code = EXIT_FAILURE
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries and a resumed run continues."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epoch: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_streak: int = 0
+    last_loss: float | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """Runs ``job`` through its backend: steps, eval, checkpoints, metrics."""
+
+    def __init__(self, job: Any, backend: Any, checkpointer: Checkpointer,
+                 metrics: MetricsLogger, throughput: Throughput):
+        self.job = job
+        self.backend = backend
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.throughput = throughput
+        self.train = job.recipe.train
+        self.state = TrainState()
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Load a checkpoint: engine, data position, RNG (restored last), counters."""
+        saved, data_state = self.checkpointer.load(checkpoint)
+        self.job.train_batches.load_state_dict(data_state)
+        known = TrainState.__dataclass_fields__
+        self.state = TrainState(**{k: v for k, v in saved.items() if k in known})
+
+    # -- data -----------------------------------------------------------------------------
+    def next_micro_batches(self, count: int) -> list[dict[str, Any]]:
+        batches = []
+        while len(batches) < count:
+            fresh = self._batches is None
+            if fresh:
+                self._batches = iter(self.job.train_batches)
+            try:
+                batches.append(next(self._batches))
+            except StopIteration:
+                if fresh:
+                    raise PandaError("the training data yields no batches",
+                                     hint="check data.sources and per_device_batch_size") from None
+                # One pass is over; a fresh iterator starts the next epoch.
+                self._batches = None
+                self.state.epoch += 1
+        return batches
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        total = self.job.total_steps
+        result = FitResult(self.state)
+        last_saved = self.state.step if self.state.step else None
+        save_due = False
+        with StopSignals() as stop:
+            while self.state.step < total:
+                values = self.one_step()
+                result.history.append(values)
+                step = self.state.step
+                if self.train.eval_every and step % self.train.eval_every == 0:
+                    self.evaluate()
+                if self._agreed_stop(stop.requested):
+                    result.checkpoint = self.save()
+                    result.interrupted = True
+                    return result
+                save_due = save_due or bool(self.train.save_every and
+                                            step % self.train.save_every == 0)
+                # Not in the middle of a non-finite streak: a run that diverges stops
+                # with its last good checkpoint as the newest one.
+                if save_due and not self.state.nonfinite_streak:
+                    result.checkpoint = self.save()
+                    last_saved, save_due = step, False
+            if self.train.eval_every and self.state.step % self.train.eval_every:
+                self.evaluate()
+            if last_saved != self.state.step:
+                result.checkpoint = self.save()
+        return result
+
+    def one_step(self) -> dict[str, float]:
+        micro_batches = self.next_micro_batches(self.train.gradient_accumulation_steps)
+        values = self.backend.train_step(micro_batches)
+        self.state.step += 1
+        step = self.state.step
+        self.state.tokens_seen += int(values["tokens"])
+        seq_len = int(micro_batches[0]["input_ids"].shape[-1])
+        self.throughput.add(int(values["tokens"]), seq_len)
+        self._track_nonfinite(values)
+        self.state.last_loss = values["loss"]
+        logged = None
+        if step % self.train.log_every == 0 or step == self.job.total_steps or step == 1:
+            logged = {"loss": values["loss"], "grad_norm": values["grad_norm"],
+                      "lr": values["lr"], **self.throughput.report(),
+                      "peak_mem_gb": peak_memory_gb(self.job.dist.device),
+                      "tokens_seen": self.state.tokens_seen, "epoch": self.state.epoch,
+                      **{k: v for k, v in values.items() if k not in _STEP_KEYS}}
+            if self.state.nonfinite_steps:
+                logged["nonfinite_steps"] = self.state.nonfinite_steps
+        self.metrics.step(step, logged)
+        return {"step": step, **values}
+
+    def _track_nonfinite(self, values: dict[str, float]) -> None:
+        if not values.get("nonfinite"):
+            self.state.nonfinite_streak = 0
+            return
+        self.state.nonfinite_steps += 1
+        self.state.nonfinite_streak += 1
+        self.metrics.message(f"step {self.state.step}: loss or gradients not finite "
+                             f"(loss {values['loss']}, grad norm {values['grad_norm']}); "
+                             "update skipped")
+        if self.state.nonfinite_streak >= NONFINITE_LIMIT:
+            raise TrainingDiverged(
+                f"the loss was not finite for {NONFINITE_LIMIT} steps in a row (up to step "
+                f"{self.state.step}); stopped without saving",
+                hint="lower optim.lr, set optim.max_grad_norm, or use precision bf16 instead "
+                "of fp16; resume from the last checkpoint with --resume auto")
+
+    def _agreed_stop(self, requested: bool) -> bool:
+        """Every rank must stop at the same step, or the next collective hangs."""
+        if self.job.dist.world_size == 1:
+            return requested
+        return self.backend.all_reduce_sum([1.0 if requested else 0.0])[0] > 0
+
+    def evaluate(self) -> dict[str, float]:
+        loss_sum, units = 0.0, 0
+        for batch in self.job.eval_batches:
+            batch_sum, batch_units = self.backend.eval_step(batch)
+            loss_sum += batch_sum
+            units += batch_units
+        loss_sum, units = self.backend.all_reduce_sum([loss_sum, units])
+        loss = loss_sum / units if units else float("nan")
+        values = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        self.state.last_eval = values
+        self.metrics.eval(self.state.step, values)
+        return values
+
+    def save(self) -> Path:
+        state = asdict(self.state)
+        return self.checkpointer.save(self.state.step, state,
+                                      self.job.train_batches.state_dict())
+
+
+_STEP_KEYS = {"loss", "grad_norm", "lr", "tokens", "units", "nonfinite"}
