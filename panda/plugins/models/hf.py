@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from panda.errors import PandaError
 from panda.models.presets import PRESETS
 from panda.plugins.api import ModelPlugin, Options
 
@@ -43,3 +44,48 @@ class HFModel(ModelPlugin):
 
     Options = HFModelOptions
     presets = PRESETS
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self._tokenizer: Any = None
+
+    def tokenizer(self, ctx: Any) -> Any:
+        """``tokenizer.path`` (default: ``model.path``), a tiny preset's own, with the recipe's template."""
+        from panda.models import loading
+
+        if self._tokenizer is None:
+            options = self.options
+            if options.path is not None:  # a wrong model.path is reported as such, first
+                loading.check_model_folder(options.path, options.trust_remote_code)
+            self._tokenizer = loading.load_tokenizer(
+                ctx.tokenizer.path or options.path, preset=options.preset,
+                trust_remote_code=options.trust_remote_code,
+                chat_template=ctx.tokenizer.chat_template)
+        return self._tokenizer
+
+    def build(self, ctx: Any) -> Any:
+        """The model: loaded from ``path``, or a ``preset`` shape initialised from ``run.seed``."""
+        from panda.models import loading
+
+        options = self.options
+        if options.path is not None:
+            loading.check_model_folder(options.path, options.trust_remote_code)
+        tokenizer = self.tokenizer(ctx)
+        if options.path is not None:
+            model = loading.load_pretrained(options.path, dtype=options.dtype, attn=options.attn,
+                                            trust_remote_code=options.trust_remote_code)
+        else:
+            vocab_size = options.vocab_size or len(tokenizer)
+            if vocab_size < len(tokenizer):
+                raise PandaError(f"model.vocab_size = {vocab_size} is smaller than the "
+                                 f"tokenizer's {len(tokenizer)} tokens",
+                                 hint="leave model.vocab_size unset to use the tokenizer's size")
+            special = {name: getattr(tokenizer, name, None)
+                       for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            model = loading.build_from_preset(PRESETS[options.preset], vocab_size=vocab_size,
+                                              dtype=options.dtype, attn=options.attn,
+                                              seed=ctx.run.seed, special_tokens=special)
+        loading.fit_to_tokenizer(model, tokenizer)
+        if options.gradient_checkpointing:
+            loading.enable_activation_checkpointing(model)
+        return model
