@@ -85,32 +85,79 @@ class ModelPlugin(Plugin):
         raise NotImplementedError
 
 
-class DatasetPlugin(Plugin):
-    """Reads one data format (``[[data.sources]] name = ...``) into token examples.
+class BadRecord(ValueError):
+    """A record that cannot be used. The message says what is wrong, without the location:
+    the pipeline prefixes ``path:line`` and stops, or skips it (``on_bad_record = "skip"``)."""
 
-    ``records`` yields ``(where, record)`` where ``where`` is ``"path:line"`` so
-    errors point at the line; ``encode`` turns one record into token lists.
-    Labels are ``-100`` on every token that carries no loss.
+
+class DatasetPlugin(Plugin):
+    """Reads one record format (``[[data.sources]] name = ...``) into token examples.
+
+    The data pipeline (``panda.data``) does, for every file of the source:
+
+    1. ``records(path)`` yields ``(where, record)`` with ``where = "path:line"``.
+       A line that cannot be parsed is yielded as ``(where, BadRecord(why))``
+       so that ``on_bad_record = "skip"`` can go on. The default reads JSON
+       (``.json`` arrays or JSON lines, and ``.jsonl``).
+    2. ``Record`` (a pydantic model, optional) validates each record: a missing
+       field or a wrong type stops with ``path:line: ...``. Its ``model_dump()``
+       is what the next step receives (aliases resolved, defaults filled).
+    3. ``segments(record, ctx)`` renders the record as pieces ``(text or token
+       ids, trained)``; the pipeline tokenizes the pieces of many records in
+       one batched call and sets ``labels = -100`` on untrained pieces. Formats
+       with a chat template use ``ctx.chat_segments(messages)``; ``ctx.bos`` and
+       ``ctx.eos`` are the tokenizer's special ids as lists (empty if none).
+       A ``data_format = "pair"`` plugin returns ``{"prompt": [...],
+       "chosen": [...], "rejected": [...]}`` instead.
+       A plugin may instead override ``encode(record, tokenizer, ctx)`` to
+       return ``{"input_ids": [...], "labels": [...]}`` itself (slower: one call
+       per record). Raise ``BadRecord`` for a well-formed but unusable record.
+
+    Documents longer than ``data.max_seq_length`` are split into pieces
+    (``long_documents = "split"``, for plain text) or truncated with a counted
+    warning (``"truncate"``, for prompt/response data).
 
     Example::
 
         class Poems(DatasetPlugin):
-            '''One poem per line, all tokens trained.'''
+            '''One poem per line, every token trained.'''
+            extensions = (".txt",)
             def records(self, path):
                 for i, line in enumerate(open(path, encoding="utf-8"), 1):
                     yield f"{path}:{i}", {"text": line.rstrip("\\n")}
-            def encode(self, record, tokenizer, ctx):
-                ids = tokenizer(record["text"])["input_ids"]
-                return {"input_ids": ids, "labels": list(ids)}
+            def segments(self, record, ctx):
+                return [(record["text"], True), (ctx.eos, True)]
     """
 
     default_path: ClassVar[str | None] = None
+    extensions: ClassVar[tuple[str, ...]] = (".json", ".jsonl")
+    data_format: ClassVar[str] = "lm"  # "lm" (input_ids/labels) or "pair" (chosen/rejected)
+    long_documents: ClassVar[str] = "truncate"  # or "split"
+    Record: ClassVar[type[BaseModel] | None] = None
 
-    def records(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    @classmethod
+    def check_recipe(cls, options: BaseModel, recipe: Any) -> None:
+        """The method must want the kind of data this format gives (lm or pair)."""
+        from panda import registry
+
+        wanted = getattr(registry.get("method", recipe.method.name), "data_format", "lm")
+        if cls.data_format != wanted:
+            kind = {"lm": "text or prompt/response", "pair": "preference pair"}
+            raise ValueError(f"this format gives {kind.get(cls.data_format, cls.data_format)} "
+                             f"data but method '{recipe.method.name}' trains on "
+                             f"{kind.get(wanted, wanted)} data")
+
+    def records(self, path: str) -> Iterator[tuple[str, Any]]:
+        from panda.data.readers import read_json_records
+
+        return read_json_records(path)
+
+    def segments(self, record: dict[str, Any], ctx: Any) -> Any:
         raise NotImplementedError
 
     def encode(self, record: dict[str, Any], tokenizer: Any, ctx: Any) -> dict[str, list[int]]:
-        raise NotImplementedError
+        """Token lists of one record; the default tokenizes ``segments``."""
+        return ctx.encode_segments([self.segments(record, ctx)])[0]
 
 
 class MethodPlugin(Plugin):

@@ -89,3 +89,23 @@ class HFModel(ModelPlugin):
         if options.gradient_checkpointing:
             loading.enable_activation_checkpointing(model)
         return model
+
+    @classmethod
+    def check_recipe(cls, options: HFModelOptions, recipe: Any) -> None:
+        """Packing is only allowed with attention that keeps packed documents apart."""
+        from panda import registry
+        from panda.data import PACKING_ATTENTION
+
+        if not recipe.data.packing:
+            return
+        if getattr(registry.get("method", recipe.method.name), "data_format", "lm") != "lm":
+            return  # pair data is never packed
+        if options.attn not in PACKING_ATTENTION:
+            raise ValueError(
+                f"attn = '{options.attn}' cannot keep packed documents apart; use one of "
+                f"{', '.join(PACKING_ATTENTION)} or set data.packing = false")
+        if options.trust_remote_code:
+            raise ValueError(
+                "packing with a model's own remote code: panda cannot tell whether its attention "
+                "keeps packed documents apart; set data.packing = false")
+
