@@ -67,14 +67,10 @@ class Job:
         return self.schedule_plugin.factor(step, self.total_steps, self.warmup_steps)
 
     def build_scheduler(self, optimizer: Any) -> Any:
-        from torch.optim.lr_scheduler import LambdaLR
+        from panda.plugins.schedulers import make_lr_scheduler
 
-        factor = self.schedule_factor  # a plain function, so LambdaLR's state stays tensors
-
-        def lr_factor(step: int) -> float:
-            return factor(step)
-
-        return LambdaLR(optimizer, lr_factor)
+        return make_lr_scheduler(optimizer, self.schedule_plugin, self.total_steps,
+                                 self.warmup_steps)
 
 
 # -- public entry point ---------------------------------------------------------------------
@@ -198,15 +194,9 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
 
 
 def warmup_steps(schedule: Any, total: int) -> int:
-    try:
-        from panda.plugins.schedulers import resolve_warmup_steps
-    except ImportError:
-        resolve_warmup_steps = None
-    if resolve_warmup_steps is not None:
-        return resolve_warmup_steps(schedule, total)
-    if schedule.warmup_proportion > 0:
-        return min(total, math.ceil(schedule.warmup_proportion * total))
-    return min(total, schedule.warmup_steps)
+    from panda.plugins.schedulers import resolve_warmup_steps
+
+    return min(total, resolve_warmup_steps(schedule, total))
 
 
 def seed_everything(seed: int) -> None:

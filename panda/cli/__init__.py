@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "recipe": ("panda.cli.recipe_cmd", "recipe", "Validate, show, inspect the schema of, or "
                "create a recipe."),
     "plugins": ("panda.cli.plugins_cmd", "plugins", "List, check and describe installed plugins."),
+    "train": ("panda.cli.train_cmd", "train", "Train, or resume, from a recipe."),
 }
 
 
