@@ -310,6 +310,10 @@ def _cross_section_problems(recipe: Recipe) -> Iterator[tuple[tuple, str]]:
     """Settings that are each valid but contradict one another."""
     if recipe.quant is not None and recipe.lora is None:
         yield ("quant",), "a quantized base cannot be trained in full: add a [lora] section (QLoRA)"
+    if recipe.lora is not None or recipe.quant is not None:
+        from panda.adapters import lora_recipe_problems  # imports no torch
+
+        yield from lora_recipe_problems(recipe)
     has_eval = recipe.data.eval_sources or recipe.data.eval_fraction > 0
     if recipe.train.eval_every > 0 and not has_eval:
         yield ("train", "eval_every"), ("evaluation needs data: add [[data.eval_sources]] or "

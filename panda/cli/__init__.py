@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "create a recipe."),
     "plugins": ("panda.cli.plugins_cmd", "plugins", "List, check and describe installed plugins."),
     "train": ("panda.cli.train_cmd", "train", "Train, or resume, from a recipe."),
+    "merge-lora": ("panda.cli.lora_cmd", "merge_lora", "Fold a LoRA adapter into full weights."),
     "make-delta": ("panda.cli.delta_cmd", "make_delta", "Write delta weights: target - base."),
     "apply-delta": ("panda.cli.delta_cmd", "apply_delta", "Rebuild a model from delta weights: "
                     "base + delta."),
