@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "recipe": ("panda.cli.recipe_cmd", "recipe", "Validate, show, inspect the schema of, or "
                "create a recipe."),
     "plugins": ("panda.cli.plugins_cmd", "plugins", "List, check and describe installed plugins."),
+    "data": ("panda.cli.data_cmd", "data", "Tokenize and pack a recipe's data; inspect rows."),
     "train": ("panda.cli.train_cmd", "train", "Train, or resume, from a recipe."),
     "merge-lora": ("panda.cli.lora_cmd", "merge_lora", "Fold a LoRA adapter into full weights."),
     "make-delta": ("panda.cli.delta_cmd", "make_delta", "Write delta weights: target - base."),

@@ -46,6 +46,7 @@ class SourceData:
     tokens: int  # tokens of this split
     efficiency: float  # packed: non-pad tokens / row slots
     padded_efficiency: float  # the same if every document were padded to max_seq_length
+    from_cache: bool = False  # tokens found in the cache (not tokenized by this call)
 
 
 @dataclass
@@ -90,9 +91,10 @@ def prepare(recipe: Any, tokenizer: Any, *, split: str = "train", data_format: s
                 continue  # a zero weight means "not used": do not even read it
             label = f"{group}[{index}] {source.name}"
             plugin = registry.get("dataset", source.name)(source.options)
-            store, stats, key = tokenize_source(
+            tokenized = tokenize_source(
                 plugin, source.name, source.path, ctx, data_format=data_format,
                 on_bad_record=data.on_bad_record, where=f"data.{group}[{index}]")
+            store, stats, key = tokenized.store, tokenized.stats, tokenized.key
             selected = _select(store, holdout, data.eval_fraction, recipe.run.seed)
             if len(selected) == 0:
                 if split == "eval":
@@ -106,7 +108,7 @@ def prepare(recipe: Any, tokenizer: Any, *, split: str = "train", data_format: s
                 index, label, source.weight, store, plan, stats, len(selected), int(lengths.sum()),
                 packing_efficiency(lengths, plan, data.max_seq_length) if packing else
                 padding_efficiency(lengths, data.max_seq_length),
-                padding_efficiency(lengths, data.max_seq_length)))
+                padding_efficiency(lengths, data.max_seq_length), tokenized.from_cache))
     if split == "train" and not prepared.sources:
         raise DataError("data.sources: no source with a positive weight has data")
     return prepared

@@ -10,6 +10,7 @@ counted per file and reported; nothing is dropped silently.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,17 @@ class SourceStats:
     first_skipped: list[str] = field(default_factory=list)  # a few "path:line: why"
 
 
+@dataclass
+class TokenizedSource:
+    store: TokenStore
+    stats: SourceStats
+    key: str  # the cache fingerprint
+    from_cache: bool  # False when this call tokenized it (or waited for another process)
+
+
 def tokenize_source(plugin: DatasetPlugin, plugin_name: str, path: Any, ctx: EncodeContext, *,
-                    data_format: str, on_bad_record: str, where: str
-                    ) -> tuple[TokenStore, SourceStats, str]:
-    """The source's token store (from the cache, or built now), its stats, and its cache key."""
+                    data_format: str, on_bad_record: str, where: str) -> TokenizedSource:
+    """The source's token store, from the cache or built now, with its stats."""
     if plugin.data_format != data_format:
         raise DataError(f"{where}: dataset '{plugin_name}' gives {plugin.data_format} data but "
                         f"the method needs {data_format} data",
@@ -69,10 +77,12 @@ def tokenize_source(plugin: DatasetPlugin, plugin_name: str, path: Any, ctx: Enc
                                 on_bad_record=on_bad_record, where=where)
         cache.write_json(tmp / "stats.json", {"files_list": files, **asdict(stats)})
 
+    from_cache = folder.is_dir()
     cache.build_or_wait(folder, build, what=f"the tokens of {where}")
     raw = cache.read_json(folder / "stats.json")
     raw.pop("files_list", None)
-    return TokenStore(str(folder / "tokens.arrow")), SourceStats(**raw), key
+    return TokenizedSource(TokenStore(str(folder / "tokens.arrow")), SourceStats(**raw), key,
+                           from_cache)
 
 
 def _tokenize_files(plugin: DatasetPlugin, files: list[str], ctx: EncodeContext, out: Path, *,
@@ -106,6 +116,7 @@ def _tokenize_files(plugin: DatasetPlugin, files: list[str], ctx: EncodeContext,
                 _count_tokens(stats, piece)
         batch, batch_text = [], 0
 
+    progress = _Progress(where)
     try:
         for file_index, file in enumerate(files):
             for location, raw in plugin.records(file):
@@ -120,6 +131,7 @@ def _tokenize_files(plugin: DatasetPlugin, files: list[str], ctx: EncodeContext,
                 batch_text += _text_size(record)
                 if len(batch) >= RECORDS_PER_BATCH or batch_text >= TEXT_PER_BATCH:
                     flush()
+                    progress.report(stats.records)
         flush()
     finally:
         writer.close()
@@ -129,6 +141,20 @@ def _tokenize_files(plugin: DatasetPlugin, files: list[str], ctx: EncodeContext,
         raise DataError(f"{where}: no usable records in {_describe(files)} ({_summary(stats)})",
                         hint="check the path and the format (name) of the source")
     return stats
+
+
+class _Progress:
+    """A log line every few seconds while a large source is tokenized."""
+
+    def __init__(self, where: str, every: float = 10.0):
+        self.where, self.every = where, every
+        self.started = self.last = time.monotonic()
+
+    def report(self, records: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("%s: %d records tokenized (%.0f s)", self.where, records, now - self.started)
 
 
 def _validated(plugin: DatasetPlugin, raw: dict, location: str, bad) -> dict | None:
