@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from panda.errors import PandaError, require
 
@@ -256,29 +256,52 @@ def quantized_model_from_config(config: Any, quant: "QuantSection", *,
     """A randomly initialised model of ``config``'s shape (a preset), built directly in
     4/8-bit one block at a time: only one block is ever held in ``compute_dtype``,
     so a 65B shape fits one 80 GB GPU. For benchmarks and memory checks."""
-    import torch
-
     bnb = _require_bitsandbytes()
+    model = build_blockwise(
+        config, dtype=compute_dtype, device=device,
+        transform_block=lambda block: _quantize_linears(block, quant, compute_dtype, device, bnb))
+    model.is_loaded_in_4bit = quant.bits == 4
+    model.is_loaded_in_8bit = quant.bits == 8
+    return model
+
+
+def build_blockwise(config: Any, *, dtype: "torch.dtype", device: Any,
+                    transform_block: Callable[["torch.nn.Module"], None] | None = None
+                    ) -> "torch.nn.Module":
+    """Build a randomly initialised causal LM of ``config``'s shape on ``device`` one
+    transformer block at a time, calling ``transform_block`` on each block right
+    after it is materialised (to quantize it, say), so at most one untransformed
+    block exists at once.
+
+    Everything outside the blocks (embeddings, rotary buffers, final norm, head)
+    is built for real by transformers from a copy of the config with no layers, so
+    its initialisation stays transformers' own; the blocks come from a model on
+    the meta device and are given storage and transformers' init one by one.
+    """
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    blocks = tuple(prefix + "." for prefix in block_prefixes(model))
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    list_path = block_prefixes(skeleton)[0].rsplit(".", 1)[0]
+    blocks = skeleton.get_submodule(list_path)
+    without_layers = {**config.to_dict(), "num_hidden_layers": 0}
+    without_layers.pop("layer_types", None)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(type(config).from_dict(without_layers),
+                                                 dtype=dtype)
     with torch.no_grad():
-        for name, module in model.named_modules():  # embeddings, final norm, head, rotary
-            if not (name + ".").startswith(blocks):
-                module.to_empty(device=device, recurse=False)
-                model._init_weights(module)
-        for prefix in (p[:-1] for p in blocks):
-            block = model.get_submodule(prefix)
+        for block in blocks:
             block.to_empty(device=device)
             for module in block.modules():
                 model._init_weights(module)
-            _quantize_linears(block, quant, compute_dtype, device, bnb)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
-    model.is_loaded_in_4bit = quant.bits == 4
-    model.is_loaded_in_8bit = quant.bits == 8
+            if transform_block is not None:
+                transform_block(block)
+    parent, _, attribute = list_path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, blocks)
+    model.config.num_hidden_layers = config.num_hidden_layers  # one config object is shared
+    if getattr(config, "layer_types", None) is not None:
+        model.config.layer_types = list(config.layer_types)
     return model
 
 

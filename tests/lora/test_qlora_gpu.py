@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_models import input_ids, save_model, tiny_config, tiny_llama
-from panda.adapters import (apply_lora, load_quantized_base, quantization_config,
-                            quantized_model_from_config)
+from panda.adapters import (apply_lora, build_blockwise, load_quantized_base,
+                            quantization_config, quantized_model_from_config)
 from panda.errors import MissingDependencyError
 from panda.recipe_schema import LoraSection, QuantSection
 
@@ -39,6 +39,27 @@ def test_missing_bitsandbytes_names_the_extra(tmp_path):
         load_quantized_base(tmp_path, QuantSection(), compute_dtype=torch.bfloat16)
     assert raised.value.message == ("[quant] needs bitsandbytes: "
                                     "pip install 'pandallm[quant]'")
+
+
+def test_blockwise_build_gives_the_model_transformers_builds():
+    # The CPU half of quantized_model_from_config: blocks materialised one by one.
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+
+    def transform(block):
+        assert not any(p.is_meta for p in block.parameters()) and len(seen) < 2
+        seen.append(block)
+
+    model = build_blockwise(tiny_config(), dtype=torch.float32, device="cpu",
+                            transform_block=transform)
+    reference = AutoModelForCausalLM.from_config(tiny_config())
+    assert seen == list(model.model.layers) and model.config.num_hidden_layers == 2
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [
+        (n, p.shape) for n, p in reference.named_parameters()]
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=input_ids()).logits).all()
 
 
 def _train(model, steps=3):
