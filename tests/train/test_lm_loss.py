@@ -104,6 +104,51 @@ def test_chunked_loss_and_gradients_equal_one_cross_entropy_call():
     torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_loss_leaves_logits_alone_and_gives_their_dtype_of_gradient(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, VOCAB, dtype=dtype, requires_grad=True)
+    before = logits.detach().clone()
+    labels = torch.randint(0, VOCAB, (2, 6))
+    labels[0, 2] = -100
+    total, _ = causal_lm_loss_sum(logits, labels, chunk_elements=3 * VOCAB)
+    (total * 0.25).backward()
+    assert torch.equal(logits.detach(), before)
+    reference = logits.detach().float().requires_grad_(True)
+    plain = F.cross_entropy(reference[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    (plain * 0.25).backward()
+    assert float(total.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
+    assert logits.grad.dtype == dtype
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(logits.grad.float(), reference.grad, rtol=tolerance,
+                               atol=tolerance * 0.1)
+
+
+def test_no_grad_evaluation_builds_no_gradient_buffer(monkeypatch):
+    from panda.plugins.methods import lm_loss
+
+    buffers = []
+    real = lm_loss._gradient_dtype
+    monkeypatch.setattr(lm_loss, "_gradient_dtype", lambda dtype: buffers.append(dtype) or real(dtype))
+    logits = torch.randn(2, 5, VOCAB, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        total, count = causal_lm_loss_sum(logits, labels)
+    assert not total.requires_grad and buffers == [] and int(count) == 8
+    with_grad, _ = causal_lm_loss_sum(logits, labels)
+    assert buffers == [torch.float32]
+    assert float(total) == pytest.approx(float(with_grad.detach()), rel=1e-6)
+
+
+def test_a_second_backward_through_the_loss_raises():
+    logits = torch.randn(1, 4, VOCAB, requires_grad=True)
+    total, _ = causal_lm_loss_sum(logits, torch.randint(0, VOCAB, (1, 4)))
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()
+
+
 def test_loss_does_not_keep_a_full_fp32_copy_of_the_logits():
     batch, seq, vocab = 2, 256, 4096
     logits = torch.randn(batch, seq, vocab, dtype=torch.bfloat16, requires_grad=True)
@@ -132,12 +177,47 @@ def test_loss_does_not_keep_a_full_fp32_copy_of_the_logits():
     assert logits.grad is not None
 
 
+@pytest.mark.gpu
+def test_loss_peak_memory_on_cuda_stays_near_the_bf16_logits():
+    """Llama-3 vocabulary, 8k tokens: the naive fp32 loss costs ~3 extra fp32 copies."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    vocab, tokens = 128256, 8192
+    logits = torch.randn(1, tokens, vocab, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens), device="cuda")
+    fp32_copy = tokens * vocab * 4
+
+    def extra_peak(loss_fn):
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        total = loss_fn()
+        total.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, float(total.detach())
+
+    def naive():
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab),
+                               labels[:, 1:].reshape(-1), reduction="sum")
+
+    naive_peak, naive_value = extra_peak(naive)
+    chunked_peak, chunked_value = extra_peak(lambda: causal_lm_loss_sum(logits, labels)[0])
+    print(f"extra peak over the bf16 logits: naive {naive_peak / 2**30:.2f} GiB, "
+          f"chunked {chunked_peak / 2**30:.2f} GiB (one fp32 copy = {fp32_copy / 2**30:.2f} GiB)")
+    assert chunked_value == pytest.approx(naive_value, rel=1e-4)
+    assert naive_peak > 1.5 * fp32_copy
+    # The gradient buffer in bf16 (half an fp32 copy) plus a few fp32 chunks.
+    assert chunked_peak < 0.5 * fp32_copy + 4 * (1 << 25) * 4
+
+
 def test_loss_without_targets_is_zero_not_nan():
     model = tiny_llama()
     batch = known_batch()
     batch["labels"][:] = -100
     total, count, _ = Sft().loss(model, batch)
-    assert float(total) == 0.0 and int(count) == 0 and Sft().units(batch) == 0
+    assert float(total.detach()) == 0.0 and int(count) == 0 and Sft().units(batch) == 0
 
 
 def test_every_key_but_labels_and_metadata_reaches_the_model():
@@ -167,6 +247,7 @@ def test_every_key_but_labels_and_metadata_reaches_the_model():
 def noisy_zero_embedding(alpha: float, width: int):
     embedding = torch.nn.Embedding(8, width)
     torch.nn.init.zeros_(embedding.weight)
+    embedding.weight.requires_grad_(False)
     noise = NEFTuneNoise(alpha)
     noise.attach(embedding)
     return embedding, noise

@@ -36,16 +36,20 @@ def as_list(param):
 
 # -- adamw -------------------------------------------------------------------------------------
 
-def adamw_reference(w, grads_per_step, lr, betas, eps, wd):
+def adamw_reference(w, grads_per_step, lr, betas, eps, wd, decay_after_step=False):
+    """torch AdamW decays the weights before the Adam step; bitsandbytes' kernels after it."""
     b1, b2 = betas
     w, m, v = list(w), [0.0] * len(w), [0.0] * len(w)
     for t, g in enumerate(grads_per_step, start=1):
         for i, gi in enumerate(g):
-            w[i] *= 1 - lr * wd
+            if not decay_after_step:
+                w[i] *= 1 - lr * wd
             m[i] = b1 * m[i] + (1 - b1) * gi
             v[i] = b2 * v[i] + (1 - b2) * gi * gi
             m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
             w[i] -= lr * m_hat / (math.sqrt(v_hat) + eps)
+            if decay_after_step:
+                w[i] *= 1 - lr * wd
     return w
 
 
@@ -69,6 +73,44 @@ def test_adamw_is_not_fused_on_cpu_and_keeps_group_decay():
     assert optimizer.defaults["fused"] is None
     assert optimizer.param_groups[0]["weight_decay"] == 0.05
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+@pytest.mark.gpu
+def test_adamw_is_fused_on_cuda_and_matches_hand_computed():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], device="cuda"))
+    grads = [[0.5, 0.1, -0.3], [-0.2, 0.4, 0.0]]
+    optimizer = build("adamw", [param], lr=0.1, weight_decay=0.1)
+    assert optimizer.defaults["fused"] is True
+    for g in grads:
+        param.grad = torch.tensor(g, device="cuda")
+        optimizer.step()
+    expected = adamw_reference([1.0, -2.0, 0.5], grads, 0.1, (0.9, 0.99), 1e-6, 0.1)
+    assert param.detach().cpu().tolist() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_nvlamb_and_lion_on_cuda_match_the_references():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    w0 = [[3.0, -4.0, 1.0], [0.5, -0.25]]
+    grads = [[[3.0, 4.0, -1.0], [0.5, 0.5]], [[0.01, -0.02, 0.03], [-0.01, 0.01]]]
+    params = [torch.nn.Parameter(torch.tensor(w, device="cuda")) for w in w0]
+    optimizer = build("nvlamb", params, lr=0.02, weight_decay=0.01)
+    for step_grads in grads:
+        for param, g in zip(params, step_grads):
+            param.grad = torch.tensor(g, device="cuda")
+        optimizer.step()
+    expected = nvlamb_reference(w0, grads, 0.02, (0.9, 0.999), 1e-6, [0.01, 0.01])
+    for param, want in zip(params, expected):
+        assert param.detach().cpu().tolist() == pytest.approx(want, rel=1e-5)
+    lion_param = torch.nn.Parameter(torch.tensor([0.0, 0.0], device="cuda"))
+    lion = build("lion", [lion_param], lr=0.01)
+    for g in ([1.0, 1.0], [-0.05, -20.0]):
+        lion_param.grad = torch.tensor(g, device="cuda")
+        lion.step()
+    assert lion_param.detach().cpu().tolist() == pytest.approx([-0.02, 0.0], abs=1e-7)
 
 
 # -- lion --------------------------------------------------------------------------------------
@@ -304,8 +346,9 @@ def test_adamw8bit_matches_adamw_on_cuda():
         small.grad = torch.tensor(g_small, device="cuda")
         large.grad = g_large
         optimizer.step()
-    expected = adamw_reference([1.0, -2.0, 0.5], grads_small, 0.01, (0.9, 0.99), 1e-6, 0.1)
-    assert small.detach().cpu().tolist() == pytest.approx(expected, rel=1e-5)
+    expected = adamw_reference([1.0, -2.0, 0.5], grads_small, 0.01, (0.9, 0.99), 1e-6, 0.1,
+                               decay_after_step=True)
+    assert small.detach().cpu().tolist() == pytest.approx(expected, rel=1e-6)
 
     reference = torch.nn.Parameter(start_large.clone())
     exact = torch.optim.AdamW([reference], lr=0.01, betas=(0.9, 0.99), eps=1e-6,
