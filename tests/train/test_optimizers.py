@@ -252,6 +252,22 @@ def test_nvlamb_pre_normalization_changes_later_steps():
     assert run(True) != pytest.approx(run(False), rel=1e-3)
 
 
+@pytest.mark.slow
+def test_nvlamb_on_sharded_dtensors_matches_unsharded(tmp_path):
+    """FSDP2 shards parameters as DTensors: norms must cover the whole tensor on every rank."""
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("nvlamb_sharded_worker.py")
+    result = subprocess.run([sys.executable, str(worker), str(port), str(tmp_path / "worst")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float((tmp_path / "worst").read_text()) < 1e-6
+
+
 def test_nvlamb_max_trust_ratio_clamps():
     param = torch.nn.Parameter(torch.tensor([30.0, 40.0], dtype=torch.float64))
     optimizer = build("nvlamb", [param], lr=0.01, eps=1e-12, max_trust_ratio=2.0)
