@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "recipe": ("panda.cli.recipe_cmd", "recipe", "Validate, show, inspect the schema of, or "
                "create a recipe."),
     "plugins": ("panda.cli.plugins_cmd", "plugins", "List, check and describe installed plugins."),
+    "infer": ("panda.cli.infer_cmd", "infer", "Generate text: one prompt, or a JSONL file "
+              "(resumable)."),
+    "chat": ("panda.cli.chat_cmd", "chat", "Chat with a model (history, streaming); "
+             "--query answers once."),
     "data": ("panda.cli.data_cmd", "data", "Tokenize and pack a recipe's data; inspect rows."),
     "train": ("panda.cli.train_cmd", "train", "Train, or resume, from a recipe."),
     "merge-lora": ("panda.cli.lora_cmd", "merge_lora", "Fold a LoRA adapter into full weights."),

@@ -337,14 +337,52 @@ class TrainBackend(Plugin):
 
 
 class InferBackend(Plugin):
-    """Loads a trained model and generates text (``panda infer --backend``)."""
+    """Loads a trained model and generates text (``panda infer/chat --backend``).
+
+    The commands call, in this order::
+
+        backend = Backend(options)              # from --option KEY=VALUE (this Options model)
+        backend.load(model_path, adapter=None)  # sets backend.tokenizer
+        for index, piece in backend.generate(prompts, max_new_tokens=64, temperature=0):
+            ...                                 # each prompt's pieces arrive in order
+        backend.close()
+
+    ``prompts`` holds raw text (tokenize it with the tokenizer's special tokens)
+    or lists of token ids that panda already built (it applies the chat
+    template itself). Sampling keywords are those of
+    ``panda.infer.sampling.Sampling``: max_new_tokens, temperature (0 = greedy),
+    top_p, top_k, repetition_penalty, seed, stop_at_eos. A backend that runs
+    one process per GPU (tensor parallel) sets ``multi_process = True``: every
+    rank makes the same calls and only the rank with ``is_main_process`` prints.
+
+    Example::
+
+        class Echo(InferBackend):
+            '''Repeats each prompt.'''
+            def load(self, model_path, adapter=None):
+                from transformers import AutoTokenizer
+                self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            def generate(self, prompts, **sampling):
+                for index, prompt in enumerate(prompts):
+                    text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                    yield index, text
+    """
+
+    multi_process: ClassVar[bool] = False
+    tokenizer: Any = None
+    is_main_process: bool = True
 
     def load(self, model_path: str, adapter: str | None = None) -> None:
+        """Load weights from a local folder; merge the peft adapter folder ``adapter`` if given."""
         raise NotImplementedError
 
-    def generate(self, prompts: list[str], **sampling: Any) -> Iterator[tuple[int, str]]:
+    def generate(self, prompts: list[str | list[int]], **sampling: Any
+                 ) -> Iterator[tuple[int, str]]:
         """Yield (prompt index, text piece); pieces of one prompt come in order."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model and leave any process group."""
 
 
 KIND_BASES: dict[str, type[Plugin]] = {
