@@ -6,10 +6,11 @@ import difflib
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 from panda.recipe import load
 
 REFERENCE = ROOT / "docs" / "recipe-reference.md"

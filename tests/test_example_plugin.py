@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLE = ROOT / "examples" / "panda-plugin-example"
 PACKAGE = "panda-plugin-example"
