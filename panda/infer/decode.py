@@ -87,7 +87,7 @@ class StaticDecoding:
     BUCKET = 256  # cache lengths are rounded up to a multiple of this to limit recompiles
 
     def __init__(self, model: Any, *, compile: bool = True, mode: str = "reduce-overhead",
-                 fullgraph: bool = True):
+                 fullgraph: bool = False):
         self.model = model
         self.compile = compile
         self.mode = mode
