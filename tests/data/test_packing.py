@@ -80,7 +80,7 @@ def test_packed_rows_restart_positions_and_never_label_across_documents(packed_c
     assert prepared.num_tokens == int(lengths.sum())
 
 
-def tiny_llama(attn: str):
+def tiny_llama(attn: str, dtype=torch.float32, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from panda.models.presets import PRESETS
@@ -89,10 +89,10 @@ def tiny_llama(attn: str):
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn,
-                                            dtype=torch.float32).eval()
+                                            dtype=dtype).to(device).eval()
 
 
-def assert_documents_isolated(model, prepared):
+def assert_documents_isolated(model, prepared, atol: float = 1e-5):
     """Logits of every packed document equal its logits alone (atol 1e-5, fp32).
 
     "Alone" runs each document as its own row, right-padded: causal attention
@@ -105,13 +105,16 @@ def assert_documents_isolated(model, prepared):
     alone_ids = torch.zeros(len(docs), longest, dtype=torch.long)
     for index, ids in enumerate(docs):
         alone_ids[index, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
+    device = next(model.parameters()).device
     with torch.no_grad():
-        alone = model(input_ids=alone_ids, use_cache=False).logits
+        alone = model(input_ids=alone_ids.to(device), use_cache=False).logits.cpu()
     rows = iter(range(source.plan.num_rows))
     checked = 0
     for batch in data.EvalBatches(prepared, batch_size=16):  # all rows at once
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v
+                  for k, v in data.model_inputs(batch).items()}
         with torch.no_grad():
-            packed = model(**data.model_inputs(batch)).logits
+            packed = model(**inputs).logits.cpu()
         flat = prepared.layout == "flat"
         start = 0  # in the flat layout all rows sit back to back in batch row 0
         for batch_row in range(len(batch["_num_docs"]) if not flat else 16):
@@ -124,7 +127,7 @@ def assert_documents_isolated(model, prepared):
                 n = len(docs[doc])
                 assert batch["input_ids"][at, start:start + n].tolist() == docs[doc].tolist()
                 torch.testing.assert_close(packed[at, start:start + n], alone[doc, :n],
-                                           atol=1e-5, rtol=0)
+                                           atol=atol, rtol=0)
                 start += n
                 checked += 1
     assert checked == source.documents > source.plan.num_rows
@@ -146,6 +149,26 @@ def test_flat_layout_keeps_documents_apart(packed_corpus):
 @pytest.mark.slow
 def test_flex_attention_keeps_documents_apart(packed_corpus):
     assert_documents_isolated(tiny_llama("flex_attention"), packed_corpus)
+
+
+@pytest.mark.gpu
+def test_flash_attention_keeps_documents_apart_in_the_flat_layout(packed_corpus):
+    """flash_attention_2 needs a GPU and the flash-attn package; bf16, so a looser atol."""
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    packed_corpus.layout = "flat"  # what prepare() chooses for flash_attention_2
+    model = tiny_llama("flash_attention_2", dtype=torch.bfloat16, device="cuda")
+    assert_documents_isolated(model, packed_corpus, atol=1e-2)
+
+
+def test_prepare_picks_the_flat_layout_for_flash_attention(tokenizer):
+    from tests.data.conftest import FIXTURES
+
+    for attn, layout in (("sdpa", "rows"), ("flash_attention_2", "flat")):
+        recipe = make_recipe([{"name": "instruction", "path": str(FIXTURES / "instruction.jsonl")}],
+                             model={"preset": "tiny-llama", "attn": attn})
+        assert data.prepare(recipe, tokenizer).layout == layout
 
 
 def test_model_inputs_turn_the_kv_cache_off():
