@@ -125,6 +125,8 @@ class ScheduleSection(PluginSection):
                 self.warmup_steps > 0 and self.warmup_proportion > 0:
             raise InvalidKey("warmup_proportion", "set warmup_steps or warmup_proportion, "
                              "not both")
+        if self.warmup_proportion > 0 and "warmup_steps" not in self.model_fields_set:
+            self.warmup_steps = 0  # the proportion replaces the default step count
         return self
 
 
