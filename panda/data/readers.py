@@ -62,35 +62,52 @@ def _files_of(spec: str, extensions: tuple[str, ...], where: str) -> list[str]:
 def read_json_records(path: str) -> Iterator[Located]:
     """Records of a ``.jsonl`` file, or of a ``.json`` file (an array, or JSON lines).
 
-    An empty file yields one BadRecord: a source file without records is
-    almost always a mistake (a failed export, a wrong glob).
+    JSON lines are streamed (pre-training corpora can be far larger than
+    memory); an array is read whole. An empty file yields one BadRecord: a
+    source file without records is almost always a mistake (a failed export).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        yield f"{path}:1", BadRecord(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-        return
-    stripped = text.lstrip()
-    if not stripped:
+    first = _first_character(path)
+    if not first:
         yield f"{path}:1", BadRecord("empty file: no records")
         return
-    if stripped[0] == "[":
+    if first == b"[":
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            yield f"{path}:1", BadRecord(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            return
         yield from _json_array(path, text)
     else:
-        yield from _json_lines(path, text)
+        yield from _json_lines(path)
 
 
-def _json_lines(path: str, text: str) -> Iterator[Located]:
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield where, BadRecord(f"invalid JSON: {exc.msg} (column {exc.colno})")
-            continue
-        yield where, _object_or_bad(record)
+def _first_character(path: str) -> bytes:
+    """The first byte that is neither white space nor a UTF-8 byte-order mark; b"" if none."""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 16):
+            rest = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
+            if rest:
+                return rest[:1]
+    return b""
+
+
+def _json_lines(path: str) -> Iterator[Located]:
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield where, BadRecord(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, BadRecord(f"invalid JSON: {exc.msg} (column {exc.colno})")
+                continue
+            yield where, _object_or_bad(record)
 
 
 def _json_array(path: str, text: str) -> Iterator[Located]:

@@ -72,7 +72,7 @@ def tokenize_source(plugin: DatasetPlugin, plugin_name: str, path: Any, ctx: Enc
     folder = cache.cache_root() / "tokens" / key
 
     def build(tmp: Path) -> None:
-        log.info("tokenizing %s (%d files) into %s", where, len(files), folder)
+        log.info("tokenizing %s (%d file(s)) into %s", where, len(files), folder)
         stats = _tokenize_files(plugin, files, ctx, tmp / "tokens.arrow", data_format=data_format,
                                 on_bad_record=on_bad_record, where=where)
         cache.write_json(tmp / "stats.json", {"files_list": files, **asdict(stats)})

@@ -104,3 +104,15 @@ def test_unknown_chat_role_is_a_bad_record(tokenizer, tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(DataError, match="roles.jsonl:1: no assistant message: nothing to train on"):
         prepare_one(tokenizer, path, name="chat")
+
+
+def test_bytes_that_are_not_utf8_are_a_bad_line_and_a_bom_is_fine(tokenizer, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"input": "a", "target": "b"}\n'
+                     b'{"input": "caf\xe9", "target": "x"}\n'
+                     b'{"input": "c", "target": "d"}\n')
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: not UTF-8 text \(invalid continuation "
+                                        r"byte at byte 14\)"):
+        prepare_one(tokenizer, path)
+    stats = prepare_one(tokenizer, path, on_bad_record="skip").sources[0].stats
+    assert (stats.documents, stats.skipped) == (2, {str(path): 1})
