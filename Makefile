@@ -25,9 +25,14 @@ install: $(VENV)/.torch
 install-dev: $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
+# The demo: a tiny Llama learns single-digit addition from scratch (about a minute on 2 CPU
+# cores): accuracy before, training, accuracy after, then a few answers from the result.
 demo: install
-	$(BIN)/panda recipe validate recipes/demo.toml
-	$(BIN)/panda plugins
+	$(BIN)/python recipes/demo_accuracy.py --recipe recipes/demo.toml --label "before training: "
+	$(BIN)/panda train recipes/demo.toml --overwrite
+	$(BIN)/python recipes/demo_accuracy.py --model runs/demo/final --label "after training: "
+	$(BIN)/python recipes/demo_accuracy.py --model runs/demo/final --label "generated: " \
+		--prompt "3+4=" --prompt "8+7=" --prompt "9+9="
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -88,6 +88,12 @@ class TorchBackend(TrainBackend):
         self.precision = Precision(job.recipe.train.precision, self.device.type)
         model = job.model
         self.export_dtype = _floating_dtype(model)
+        # Training never needs a KV cache, and with one transformers stops deriving the
+        # per-document mask from position_ids: packed documents would see each other.
+        config = getattr(model, "config", None)
+        self.config_use_cache = getattr(config, "use_cache", None)
+        if self.config_use_cache:
+            config.use_cache = False
         self.precision.prepare_model(model)
         model.to(self.device)
         if job.recipe.train.compile:
@@ -158,14 +164,7 @@ class TorchBackend(TrainBackend):
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
-        elif grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-        else:
-            norm = torch.zeros(())
-        grad_norm = float(norm)
+        grad_norm = float(self.clip_gradients())
         lr = float(self.scheduler.get_last_lr()[0])
         loss_finite = math.isfinite(loss)
         if self.scaler is not None:
@@ -182,6 +181,18 @@ class TorchBackend(TrainBackend):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
+
+    def clip_gradients(self) -> Any:
+        """The gradients' total norm before clipping (a tensor); clips when max_grad_norm > 0.
+
+        Sharded backends override it: their norm must be summed over every rank's shard.
+        """
+        import torch
+
+        if self.max_grad_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if not metrics:
@@ -237,7 +248,14 @@ class TorchBackend(TrainBackend):
 
     def export(self, path: str, tokenizer: Any) -> None:
         if self.dist.is_main:
-            export_hf_folder(self.unwrapped, tokenizer, path, self.export_dtype)
+            config = getattr(self.unwrapped, "config", None)
+            if self.config_use_cache is not None:
+                config.use_cache = self.config_use_cache  # generation wants its cache back
+            try:
+                export_hf_folder(self.unwrapped, tokenizer, path, self.export_dtype)
+            finally:
+                if self.config_use_cache:
+                    config.use_cache = False
         self.barrier()
 
 
@@ -245,24 +263,32 @@ def _floating_dtype(model: Any) -> Any:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
-def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None) -> None:
-    """Save ``model`` as a Hugging Face folder, weights in ``dtype`` (the dtype it was built in)."""
+def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None,
+                     state_dict: dict[str, Any] | None = None) -> None:
+    """Save ``model`` as a Hugging Face folder, weights in ``dtype`` (the dtype it was built in).
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded
+    backend passes the full weights it gathered; ``model`` then supplies config and code).
+    """
     import torch
 
     if not hasattr(model, "save_pretrained"):
         raise PandaError(f"cannot export a {type(model).__name__} as a Hugging Face folder",
                          hint="the model plugin must build a transformers PreTrainedModel")
-    state = None
+    state = state_dict
     if dtype is not None and dtype != torch.float32:
         # Master weights are fp32; ship them in the dtype the model came in.
         state = {k: v.to(dtype) if v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+                 for k, v in (model.state_dict() if state is None else state).items()}
         model.config.dtype = dtype
     generation = getattr(model, "generation_config", None)
     if generation is not None and tokenizer is not None:
         for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if getattr(generation, field, None) is None:
                 setattr(generation, field, getattr(tokenizer, field, None))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small folder: a progress bar is noise in the log
     model.save_pretrained(path, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
