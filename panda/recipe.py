@@ -324,6 +324,8 @@ def _cross_section_problems(recipe: Recipe) -> Iterator[tuple[tuple, str]]:
         plugin = registry.get(section.kind, section.name)
         try:
             plugin.check_recipe(section.options, recipe)
+        except InvalidKey as exc:  # names the offending key, from the recipe's root
+            yield exc.key, str(exc)
         except ValueError as exc:
             yield path, str(exc)
 

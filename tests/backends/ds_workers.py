@@ -1,0 +1,90 @@
+"""What the ranks of the DeepSpeed tests run (spawned by torch.multiprocessing).
+
+Each worker runs several cases in one process group, because starting
+processes that import torch, transformers and DeepSpeed dominates the cost on
+2 CPU cores; a case is one backend configuration. Rank 0 writes what the test
+compares to ``tmp/<case>.pt`` or ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from panda import registry
+from standins import (StandinConstant, StandinLm, StandinSgd, collate, register_standins,
+                      standin_build_data, standin_recipe_data, tiny_llama)
+
+
+def join(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+
+
+def backend_job(tmp: str, backend: dict[str, Any], *, batch_size: int, accumulation: int,
+                max_grad_norm: float, lr: float = 0.05, precision: str = "fp32"):
+    """A Job around the tiny Llama with ``backend`` (name + options) set up; no data."""
+    from panda import recipe as recipe_io
+    from panda.job import Job
+
+    register_standins()
+    data = standin_recipe_data(tmp, per_device_batch_size=batch_size,
+                               gradient_accumulation_steps=accumulation, precision=precision)
+    data["optim"].update(lr=lr, max_grad_norm=max_grad_norm)
+    data["backend"] = dict(backend)
+    recipe = recipe_io.validate(data)
+    plugin = registry.get("backend", backend["name"])(recipe.backend.options)
+    dist = plugin.init_distributed()
+    job = Job(recipe=recipe, backend=plugin, dist=dist, output_dir=Path(tmp), model=tiny_llama(0),
+              method=StandinLm(), optimizer_plugin=StandinSgd(),
+              schedule_plugin=StandinConstant(), total_steps=10)
+    plugin.setup(job)
+    return job
+
+
+def full_weights(backend: Any) -> dict[str, torch.Tensor] | None:
+    """The engine's full weights on rank 0 (gathered under ZeRO-3), None on other ranks."""
+    from panda.backends.zero_export import gathered_state_dict
+
+    module = backend.engine.module
+    if backend.zero_stage == 3:
+        return gathered_state_dict(module)
+    if backend.dist.rank != 0:
+        return None
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def one_step_worker(rank: int, world_size: int, port: int, tmp: str, cases: list[dict],
+                    micro_batches: list) -> None:
+    """Per case: one optimizer step on this rank's micro-batches; rank 0 saves loss + weights."""
+    join(rank, world_size, port)
+    for case in cases:
+        job = backend_job(tmp, case["backend"], batch_size=1, accumulation=len(micro_batches[rank]),
+                          max_grad_norm=case["clip"])
+        result = job.backend.train_step([collate(mb) for mb in micro_batches[rank]])
+        weights = full_weights(job.backend)
+        if rank == 0:
+            torch.save({"result": result, "state": weights}, Path(tmp) / f"{case['name']}.pt")
+    job.backend.close()
+
+
+def train_worker(rank: int, world_size: int, ports: list[int], runs: list[dict]) -> None:
+    """Per run: ``panda.job.train`` end to end with the stand-ins; rank 0 writes its summary."""
+    import panda.job
+    from panda import recipe as recipe_io
+
+    register_standins()
+    panda.job.build_data = standin_build_data(64)
+    for port, run in zip(ports, runs):
+        join(rank, world_size, port)
+        data = standin_recipe_data(run["output_dir"], **run["train"])
+        data["backend"] = dict(run["backend"])
+        summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
+        if rank == 0:
+            Path(run["summary"]).write_text(json.dumps(summary))
