@@ -89,4 +89,6 @@ def leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()

@@ -94,3 +94,12 @@ def test_repl_prints_only_replies_on_stdout(hf_backend):
     assert run_chat(session, lambda prompt: next(lines, None), out, notices) == 0
     assert out.getvalue() == session.history[1]["content"] + "\n"
     assert notices.getvalue().startswith("commands: /reset")
+
+
+def test_chat_over_two_tensor_parallel_ranks(run_panda_input, tiny_model_dir, hf_backend):
+    # Rank 0 reads stdin and hands each message to rank 1; only rank 0 prints.
+    result = run_panda_input("hello\n/history\n/exit\n", "chat", "--model", str(tiny_model_dir),
+                             "--backend", "torch-tp", "--nproc", "2", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    first = expected_reply(hf_backend, [{"role": "user", "content": "hello"}])
+    assert result.stdout.endswith(f"{first}\n[user] hello\n[assistant] {first}\n")
