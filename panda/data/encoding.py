@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from panda.data.chat import chat_segments
+from panda.data.chat import ChatRenderer
 from panda.plugins.api import BadRecord
 
 Example = tuple[list[int], list[int]]  # (ids, mask)
@@ -33,6 +33,7 @@ class EncodeContext:
     bos: list[int] = field(default_factory=list)  # [bos_id] if the tokenizer adds one, else []
     eos: list[int] = field(default_factory=list)
     _encode_texts: Any = field(default=None, repr=False)
+    _chat: Any = field(default=None, repr=False)
 
     @classmethod
     def create(cls, tokenizer: Any, *, max_seq_length: int, chat_template: str,
@@ -46,7 +47,10 @@ class EncodeContext:
                    _encode_texts=fast_text_encoder(tokenizer))
 
     def chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        return chat_segments(self.tokenizer, self.chat_template, messages)
+        """(text, trained) pieces of a conversation rendered with the chat template."""
+        if self._chat is None:
+            self._chat = ChatRenderer(self.tokenizer, self.chat_template)
+        return self._chat.segments(messages)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added."""

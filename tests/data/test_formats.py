@@ -146,3 +146,34 @@ def test_pair_format_cannot_feed_an_lm_method(tokenizer):
 
     with pytest.raises(RecipeError, match="gives preference pair data but method 'sft'"):
         make_recipe([{"name": "preference", "path": str(FIXTURES / "preference.jsonl")}])
+
+
+@pytest.mark.parametrize("template", [None, "alpaca", "chatml"])
+def test_fast_chat_rendering_equals_apply_chat_template(tokenizer, template):
+    import json
+
+    from panda.data.chat import ChatRenderer, resolve_template
+
+    text = resolve_template(tokenizer, template)
+    renderer = ChatRenderer(tokenizer, text)
+    assert renderer._direct is not None  # transformers' compiled template is reachable
+    for line in (FIXTURES / "chat.jsonl").read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        for end in range(1, len(messages) + 1):
+            for prompt in (False, True):
+                assert renderer.render(messages[:end], prompt) == tokenizer.apply_chat_template(
+                    messages[:end], chat_template=text, tokenize=False,
+                    add_generation_prompt=prompt)
+
+
+def test_a_template_that_raises_becomes_a_bad_record(tokenizer):
+    from panda.data.chat import ChatRenderer
+    from panda.plugins.api import BadRecord
+
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('no system messages') }}{% endif %}{{ m['content'] }}"
+              "{% endfor %}")
+    renderer = ChatRenderer(tokenizer, strict)
+    with pytest.raises(BadRecord, match="the chat template rejects this conversation: no system"):
+        renderer.segments([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                           {"role": "assistant", "content": "a"}])
