@@ -1,0 +1,294 @@
+"""``fsdp``: PyTorch FSDP2 (``fully_shard``): weights, gradients and optimizer state sharded.
+
+Each transformer block is its own FSDP unit (its weights are all-gathered just
+before it runs and freed after), then the root takes what is left (embeddings,
+final norm, head). Every rank keeps only its shard of the fp32 master weights
+and of the optimizer state: that is where the memory goes with AdamW (16 bytes
+per weight in fp32), so a model that does not fit one GPU with ``ddp`` fits N.
+
+NCCL on GPUs, gloo on CPU (FSDP2's collectives all run on gloo; what needs
+care on the CPU is noted where it is handled). Start it with ``panda train
+RECIPE --nproc N``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from panda.backends.base import ENGINE_STATE, _floating_dtype, export_hf_folder
+from panda.backends.ddp import Ddp
+from panda.errors import PandaError
+from panda.plugins.api import Options
+
+SHARDED_STATE = "sharded"  # torch.distributed.checkpoint folder: model + optimizer shards
+
+
+class FsdpOptions(Options):
+    reshard_after_forward: bool = Field(True, description="Free each block's gathered weights "
+                                        "after its forward pass and gather them again for "
+                                        "backward (less memory); false keeps them until "
+                                        "backward (less communication, ZeRO-2-like memory).")
+    cpu_offload: bool = Field(False, description="Keep the weight shards, gradients and "
+                              "optimizer state in CPU memory; the optimizer step runs on the "
+                              "CPU. Fits larger models, runs slower.")
+    activation_checkpointing: bool = Field(False, description="Recompute each transformer "
+                                           "block's activations in backward instead of storing "
+                                           "them.")
+
+
+class Fsdp(Ddp):
+    """FSDP2 (fully_shard per transformer block): weights, gradients and optimizer state sharded."""
+
+    Options = FsdpOptions
+    # FSDP2's reduce-scatter averages gradients over ranks, like DDP; train_step undoes it.
+    averages_gradients_over_ranks = True
+
+    @classmethod
+    def check_recipe(cls, options: FsdpOptions, recipe: Any) -> None:
+        from panda.recipe_schema import InvalidKey
+
+        model_options = recipe.model.options
+        if options.activation_checkpointing and getattr(model_options, "gradient_checkpointing",
+                                                        False):
+            raise InvalidKey(("backend", "activation_checkpointing"),
+                             "model.gradient_checkpointing already recomputes every block; "
+                             "set one of the two, not both")
+
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self, job: Any) -> None:
+        """Precision, then per block: checkpointing, compile, shard; then the optimizer.
+
+        The order is torchtitan's, and each step needs the one before it:
+
+        1. fp32 master weights, before FSDP takes its shards of them (the shards are what
+           the optimizer updates, so its state is fp32 too);
+        2. activation checkpointing wraps each block first, so that the recomputation in
+           backward runs inside the block's FSDP unit (FSDP gathers the weights again for it);
+        3. torch.compile per block next: the blocks are identical, so one compiled graph
+           serves them all, and compiling inside the FSDP unit keeps FSDP's all-gather and
+           reduce-scatter hooks outside the graph, where they overlap with compute;
+        4. ``fully_shard`` each block, then the root. The root goes last because it takes
+           every parameter no block took; sharding moves each unit to the device one block
+           at a time (no rank ever holds the whole model on the GPU);
+        5. the optimizer, from the sharded (DTensor) parameters FSDP put in place.
+        """
+        import torch
+
+        from panda.backends.precision import Precision
+
+        self.job = job
+        self.dist = job.dist
+        self.method = job.method
+        self.device = torch.device(self.dist.device)
+        self.precision = ShardedPrecision(Precision(job.recipe.train.precision,
+                                                    self.device.type))
+        model = job.model
+        self.export_dtype = _floating_dtype(model)
+        self.precision.prepare_model(model)
+        # No KV cache in training (as in TorchBackend.setup): with one, packed documents
+        # would see each other, and a recomputation in backward would see the keys twice.
+        self.config_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+        if self.config_use_cache:
+            model.config.use_cache = False
+        blocks = transformer_blocks(model)
+        if self.options.activation_checkpointing:
+            blocks = [checkpoint_block(parent, name) for parent, name in blocks]
+        if job.recipe.train.compile:
+            blocks = [compile_block(parent, name) for parent, name in blocks]
+        self.shard(model, blocks)
+        self.unwrapped = model
+        self.model = model  # fully_shard works in place: the model is its own wrapper
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = job.build_optimizer(model)
+        self.scheduler = job.build_scheduler(self.optimizer)
+        self.scaler = self.precision.grad_scaler()
+        self.max_grad_norm = job.recipe.optim.max_grad_norm
+
+    def shard(self, model: Any, blocks: list[tuple[Any, str]]) -> None:
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        # Compute in bf16/fp16 from the fp32 shards; gradients are reduced in fp32 so the
+        # sum over ranks loses nothing. fp32 runs leave both alone.
+        policy = MixedPrecisionPolicy(param_dtype=self.precision.compute_dtype,
+                                      reduce_dtype=torch.float32)
+        kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
+        if self.options.cpu_offload:
+            # Pinned memory needs an accelerator; on a CPU-only host the shards are plain.
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        for parent, name in blocks:
+            fully_shard(parent.get_submodule(name),
+                        reshard_after_forward=self.options.reshard_after_forward, **kwargs)
+        # The root keeps its weights after forward whatever the option says (FSDP2's rule):
+        # the head and embeddings are needed again first thing in backward.
+        fully_shard(model, **kwargs)
+
+    # -- one step --------------------------------------------------------------------------
+    def gradient_sync(self, last_micro_batch: bool) -> Any:
+        """Reduce-scatter after every micro-batch (FSDP2's default), unlike DDP's no_sync.
+
+        Accumulating unsharded gradients locally until the last micro-batch would hold a
+        full gradient per rank, the very memory FSDP exists to save.
+        """
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def clip_gradients(self) -> Any:
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        # Each rank holds a shard of every gradient: the norm of the DTensors is a partial
+        # sum until full_tensor() reduces it over ranks (torchtitan does the same).
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.trainable, self.max_grad_norm, norm)
+        return norm
+
+    # -- state: sharded checkpoints through torch.distributed.checkpoint -----------------
+    def save(self, path: str) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        folder = Path(path)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        # Every rank writes its own shards; rank 0 adds the metadata that maps them.
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=str(folder / SHARDED_STATE))
+        if self.dist.is_main:  # schedule and loss scale are the same on every rank
+            torch.save(self.engine_state(), folder / ENGINE_STATE)
+
+    def engine_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load(self, path: str) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        folder = Path(path)
+        if not (folder / SHARDED_STATE).is_dir():
+            raise PandaError(f"{folder} holds no FSDP checkpoint (no {SHARDED_STATE}/ folder)",
+                             hint="resume an fsdp run from a checkpoint that fsdp wrote")
+        # get_state_dict gives the shapes and shardings to read into (it creates the
+        # optimizer state if no step has run yet); dcp.load fills them in place.
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder / SHARDED_STATE))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        engine = torch.load(folder / ENGINE_STATE, map_location="cpu", weights_only=True)
+        self.scheduler.load_state_dict(engine["scheduler"])
+        if self.scaler is not None and engine.get("scaler"):
+            self.scaler.load_state_dict(engine["scaler"])
+
+    def export(self, path: str, tokenizer: Any) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Every rank takes part in gathering; with cpu_offload only rank 0 keeps the result,
+        # in CPU memory, so the full model never sits on a GPU.
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        if self.dist.is_main:
+            config = self.unwrapped.config
+            if self.config_use_cache is not None:
+                config.use_cache = self.config_use_cache  # generation wants its cache back
+            try:
+                export_hf_folder(self.unwrapped, tokenizer, path, self.export_dtype,
+                                 state_dict=full)
+            finally:
+                if self.config_use_cache:
+                    config.use_cache = False
+        self.barrier()
+
+
+class ShardedPrecision:
+    """``Precision`` as FSDP2 wants it: FSDP casts the weights itself, so no autocast.
+
+    FSDP's MixedPrecisionPolicy all-gathers the fp32 shards as bf16/fp16 and every op
+    of the block runs in that dtype (torchtitan turns autocast off under FSDP too).
+    fp16 gradients are unscaled shard by shard, so the loss scaler must agree across
+    ranks on whether any shard overflowed: ShardedGradScaler all-reduces that.
+    """
+
+    def __init__(self, precision: Any):
+        self.precision = precision
+        self.name = precision.name
+
+    @property
+    def compute_dtype(self) -> Any:
+        from panda.backends.precision import AUTOCAST_DTYPES
+
+        return AUTOCAST_DTYPES.get(self.name)
+
+    def prepare_model(self, model: Any) -> None:
+        self.precision.prepare_model(model)
+
+    def autocast(self) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def grad_scaler(self) -> Any:
+        if self.name != "fp16":
+            return None
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.precision.device_type)
+
+
+# -- the transforms applied per block ---------------------------------------------------------
+
+def transformer_blocks(model: Any) -> list[tuple[Any, str]]:
+    """(parent module, child name) of every transformer block, in model order.
+
+    Blocks are the modules transformers itself never splits across devices
+    (``_no_split_modules``: LlamaDecoderLayer, Qwen2DecoderLayer...); a model
+    without that list falls back to the children of its largest ModuleList.
+    """
+    import torch
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [(parent, child_name)
+             for parent in model.modules() for child_name, child in parent.named_children()
+             if type(child).__name__ in names]
+    if found:
+        return found
+    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    if not lists:
+        raise PandaError(f"fsdp found no transformer blocks in {type(model).__name__}",
+                         hint="the model needs _no_split_modules or a ModuleList of blocks")
+    largest = max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
+    return [(largest, name) for name, _ in largest.named_children()]
+
+
+def checkpoint_block(parent: Any, name: str) -> tuple[Any, str]:
+    """Replace the block by a wrapper that recomputes its activations in backward.
+
+    The wrapper's state-dict hooks drop its ``_checkpoint_wrapped_module.`` prefix, so
+    checkpoints and exports keep the model's own parameter names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    parent.register_module(name, checkpoint_wrapper(parent.get_submodule(name)))
+    return parent, name
+
+
+def compile_block(parent: Any, name: str) -> tuple[Any, str]:
+    """Replace the block by its torch.compile'd version (state dicts strip ``_orig_mod.``)."""
+    import torch
+
+    parent.register_module(name, torch.compile(parent.get_submodule(name)))
+    return parent, name

@@ -1,0 +1,125 @@
+"""Training runs for the backend tests: the real job, loop, checkpoints and export, with the
+engine stand-ins (tiny Llama, next-token loss, SGD, list-backed data), on one process or
+on several gloo processes on the CPU.
+
+A run's losses come from its metrics.jsonl; before exporting, each run also writes the
+trained model's logits on a fixed probe batch (``probe_logits.pt``), so a test can check
+that the exported folder computes exactly what the trained model computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+import panda.job  # noqa: E402
+from panda import recipe as recipe_io  # noqa: E402
+from panda import registry  # noqa: E402
+from standins import (free_port, register_standins, standin_build_data,  # noqa: E402
+                      standin_recipe_data)
+
+PROBE_LOGITS = "probe_logits.pt"
+FORKSERVER_PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+                      "transformers.models.llama.modeling_llama", "panda.job", "panda.train.loop",
+                      "safetensors.torch"]
+PROBE = torch.tensor([[1, 17, 42, 99, 5, 300, 7, 250, 3, 11, 480, 64]])
+
+
+def recipe_data(output_dir: str, backend: dict[str, Any], *, steps: int, save_every: int = 0,
+                batch_size: int, accumulation: int = 2, precision: str = "fp32") -> dict:
+    """The stand-in recipe; ``batch_size`` is per process, so pass global / nproc."""
+    data = standin_recipe_data(output_dir, per_device_batch_size=batch_size,
+                               gradient_accumulation_steps=accumulation, max_steps=steps,
+                               save_every=save_every, keep_last=5, precision=precision)
+    data["backend"] = backend
+    return data
+
+
+def run(data: dict, *, nproc: int = 1, resume: str = "never") -> dict[str, Any]:
+    """Train ``data`` (a recipe as data) on ``nproc`` processes; return losses and paths."""
+    if nproc == 1:
+        _train(data, resume)
+    else:
+        # A fork server imports torch and transformers once and forks every rank of every
+        # run from there: much faster than spawn's fresh interpreters, and unlike a plain
+        # fork it never copies a process whose OpenMP threads have already run. (Python
+        # 3.11's fork server ignores sys.path, so it preloads installed modules only.)
+        mp.set_forkserver_preload(FORKSERVER_PRELOAD)
+        mp.start_processes(_worker, args=(nproc, free_port(), data, resume), nprocs=nproc,
+                           join=True, start_method="forkserver")
+    output = Path(data["run"]["output_dir"])
+    records = [json.loads(line)
+               for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {"losses": {r["step"]: r["loss"] for r in records if "loss" in r},
+            "grad_norms": {r["step"]: r["grad_norm"] for r in records if "loss" in r},
+            "output": output, "final": output / "final"}
+
+
+def _worker(rank: int, nproc: int, port: int, data: dict, resume: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on two cores
+    _train(data, resume)
+
+
+def _train(data: dict, resume: str) -> None:
+    register_standins()
+    panda.job.build_data = standin_build_data(64)
+    backend = registry.get("backend", data["backend"]["name"])
+    _probe_before_export(backend)
+    panda.job.train(recipe_io.validate(data), resume=resume)
+
+
+def _probe_before_export(backend_class: type) -> None:
+    """Make ``export`` first save the trained model's logits on the probe batch (rank 0)."""
+    if getattr(backend_class, "_probed", False):
+        return
+    export = backend_class.export
+
+    def export_after_probe(self, path: str, tokenizer: Any) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(input_ids=PROBE.to(self.device)).logits.float().cpu()
+        if self.dist.is_main:
+            torch.save(logits, Path(path).parent / PROBE_LOGITS)
+        export(self, path, tokenizer)
+
+    backend_class.export = export_after_probe
+    backend_class._probed = True
+
+
+def exported_logits(folder: Path) -> torch.Tensor:
+    """Logits of the exported Hugging Face folder on the probe batch, loaded as a user would."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits.float()
+
+
+def probe_logits(result: dict[str, Any]) -> torch.Tensor:
+    """The trained model's logits on the probe batch, as the run saved them before export."""
+    return torch.load(result["output"] / PROBE_LOGITS, weights_only=True)
+
+
+def assert_export_matches_trained_model(result: dict[str, Any]) -> None:
+    # fp32 weights written and read back unchanged; the only difference left is the
+    # order of floating-point sums inside the forward pass.
+    torch.testing.assert_close(exported_logits(result["final"]), probe_logits(result),
+                               rtol=0, atol=1e-5)
+
+
+def assert_losses_close(actual: dict[int, float], expected: dict[int, float],
+                        rel: float) -> None:
+    assert sorted(actual) == sorted(expected)
+    for step in expected:
+        assert abs(actual[step] - expected[step]) <= rel * abs(expected[step]), (
+            f"step {step}: {actual[step]!r} vs {expected[step]!r}")

@@ -1,0 +1,66 @@
+"""The fsdp backend (FSDP2) on 2 gloo processes on the CPU, fp32: the same losses as one
+process at the same global batch, exact resume from its own sharded checkpoint, and an
+exported Hugging Face folder that computes the trained model's logits."""
+
+from __future__ import annotations
+
+import pytest
+
+import torch
+
+from distributed_runs import (assert_export_matches_trained_model, assert_losses_close,
+                              probe_logits, recipe_data, run)
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH = 4  # sequences per micro-batch over all ranks; 2 micro-batches per step
+STEPS = 5
+# fp32 on CPU: the ranks' gradients are summed in another order than one process sums
+# them, so losses agree to rounding, not bit for bit.
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    return run(recipe_data(str(out / "run"), {"name": "single"}, steps=STEPS,
+                           batch_size=GLOBAL_BATCH))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return run(recipe_data(str(out / "run"), {"name": "fsdp"}, steps=STEPS, save_every=3,
+                           batch_size=GLOBAL_BATCH // 2), nproc=2)
+
+
+def test_two_ranks_match_one_process(single, fsdp):
+    assert_losses_close(fsdp["losses"], single["losses"], LOSS_RTOL)
+    assert_losses_close(fsdp["grad_norms"], single["grad_norms"], LOSS_RTOL)
+
+
+def test_resume_from_step_3_repeats_steps_4_and_5(fsdp, tmp_path):
+    checkpoint = fsdp["output"] / "checkpoints" / "step-00000003"
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+    resumed = run(recipe_data(str(tmp_path / "resumed"), {"name": "fsdp"}, steps=STEPS,
+                              save_every=3, batch_size=GLOBAL_BATCH // 2),
+                  nproc=2, resume=str(checkpoint))
+    # Same shards, same reduction order, same data position and RNG: bit for bit.
+    assert resumed["losses"] == {step: fsdp["losses"][step] for step in (4, 5)}
+    assert torch.equal(probe_logits(resumed), probe_logits(fsdp))  # the same final weights
+    assert_export_matches_trained_model(resumed)
+
+
+def test_export_computes_the_trained_models_logits(fsdp):
+    assert_export_matches_trained_model(fsdp)
+
+
+def test_offload_checkpointing_and_no_reshard_change_nothing_but_memory(single, tmp_path):
+    # On a CPU host the offload policy must not pin memory (that needs an accelerator), and
+    # the recomputation in backward must gather the block's weights again.
+    backend = {"name": "fsdp", "cpu_offload": True, "activation_checkpointing": True,
+               "reshard_after_forward": False}
+    result = run(recipe_data(str(tmp_path / "run"), backend, steps=STEPS,
+                             batch_size=GLOBAL_BATCH // 2), nproc=2)
+    assert_losses_close(result["losses"], single["losses"], LOSS_RTOL)
+    assert_export_matches_trained_model(result)
