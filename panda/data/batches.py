@@ -97,7 +97,10 @@ class TrainBatches(_Batches):
         self._epoch, self._position = self._epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
+        epoch, position = self._epoch, self._position
+        if position >= self.samples_per_epoch:  # the epoch's last batch is out: next one
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "seed": self.seed,
                 "samples_per_epoch": self.samples_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -95,6 +95,7 @@ def prepare(recipe: Any, tokenizer: Any, *, split: str = "train", data_format: s
                 plugin, source.name, source.path, ctx, data_format=data_format,
                 on_bad_record=data.on_bad_record, where=f"data.{group}[{index}]")
             store, stats, key = tokenized.store, tokenized.stats, tokenized.key
+            _warn_about(f"data.{group}[{index}]", stats, data.max_seq_length)
             selected = _select(store, holdout, data.eval_fraction, recipe.run.seed)
             if len(selected) == 0:
                 if split == "eval":
@@ -112,6 +113,20 @@ def prepare(recipe: Any, tokenizer: Any, *, split: str = "train", data_format: s
     if split == "train" and not prepared.sources:
         raise DataError("data.sources: no source with a positive weight has data")
     return prepared
+
+
+def _warn_about(where: str, stats: SourceStats, max_seq_length: int) -> None:
+    """Say what was cut or left out, on every run (the counts come from the cache too)."""
+    problems = []
+    if stats.truncated:
+        problems.append(f"{stats.truncated} example(s) truncated to {max_seq_length} tokens")
+    if stats.no_target:
+        problems.append(f"{stats.no_target} dropped with no trained token left")
+    if stats.skipped:
+        problems.append(f"{sum(stats.skipped.values())} bad record(s) skipped in "
+                        f"{len(stats.skipped)} file(s)")
+    if problems:
+        log.warning("%s: %s (panda data prepare shows details)", where, "; ".join(problems))
 
 
 def _groups(data: Any, split: str) -> list[tuple[str, str]]:

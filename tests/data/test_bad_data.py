@@ -116,3 +116,15 @@ def test_bytes_that_are_not_utf8_are_a_bad_line_and_a_bom_is_fine(tokenizer, tmp
         prepare_one(tokenizer, path)
     stats = prepare_one(tokenizer, path, on_bad_record="skip").sources[0].stats
     assert (stats.documents, stats.skipped) == (2, {str(path): 1})
+
+
+def test_cut_and_skipped_examples_are_logged_on_every_run(tokenizer, tmp_path, caplog):
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"input": "Say panda.", "target": "' + "panda " * 40 + '"}\n{"input": 1}\n')
+    for _ in range(2):  # the second run reads the counts from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="panda.data"):
+            prepare_one(tokenizer, path, on_bad_record="skip")
+        assert caplog.messages == ["data.sources[0]: 1 example(s) truncated to 64 tokens; "
+                                   "1 bad record(s) skipped in 1 file(s) (panda data prepare "
+                                   "shows details)"]

@@ -155,3 +155,19 @@ def test_a_changed_dataset_refuses_an_old_sampler_state(three_sources):
     state = {**batches.state_dict(), "samples_per_epoch": 99}
     with pytest.raises(PandaError, match="the data changed since the checkpoint"):
         batches.load_state_dict(state)
+
+
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_with_the_next_epoch(three_sources):
+    prepared, tokenizer = three_sources
+    straight = data.TrainBatches(prepared, batch_size=10, seed=2)
+    first = [names(b, tokenizer) for b in straight]
+    second = [names(b, tokenizer) for b in straight]
+    interrupted = data.TrainBatches(prepared, batch_size=10, seed=2)
+    for count, _ in enumerate(interrupted, 1):
+        if count == len(first):
+            break  # stopped right after the epoch's last batch, before the epoch ends
+    assert interrupted.state_dict()["epoch"] == 1 and interrupted.state_dict()["position"] == 0
+    resumed = data.TrainBatches(prepared, batch_size=10, seed=2)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert resumed.epoch == 1
+    assert [names(b, tokenizer) for b in resumed] == second
