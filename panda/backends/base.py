@@ -280,7 +280,6 @@ def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None,
         # Master weights are fp32; ship them in the dtype the model came in.
         state = {k: v.to(dtype) if v.is_floating_point() else v
                  for k, v in (model.state_dict() if state is None else state).items()}
-        model.config.dtype = dtype
     generation = getattr(model, "generation_config", None)
     if generation is not None and tokenizer is not None:
         for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -290,5 +289,13 @@ def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None,
 
     hf_logging.disable_progress_bar()  # one small folder: a progress bar is noise in the log
     model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    if dtype is not None and dtype != torch.float32:
+        # save_pretrained records the in-memory (fp32) dtype; say what the files hold.
+        original = model.config.dtype
+        model.config.dtype = dtype
+        try:
+            model.config.save_pretrained(path)
+        finally:
+            model.config.dtype = original
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

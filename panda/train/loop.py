@@ -97,18 +97,23 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------
     def next_micro_batches(self, count: int) -> list[dict[str, Any]]:
         batches = []
+        empty_epochs = 0  # fresh iterators that yielded nothing, in a row
         while len(batches) < count:
             fresh = self._batches is None
             if fresh:
                 self._batches = iter(self.job.train_batches)
             try:
                 batches.append(next(self._batches))
+                empty_epochs = 0
             except StopIteration:
-                if fresh:
-                    raise PandaError("the training data yields no batches",
-                                     hint="check data.sources and per_device_batch_size") from None
-                # One pass is over; a fresh iterator starts the next epoch.
+                # One pass is over; a fresh iterator starts the next epoch. A resumed run
+                # whose checkpoint sat at the very end of an epoch meets one empty pass first.
                 self._batches = None
+                empty_epochs += fresh
+                if empty_epochs > 1:
+                    raise PandaError("the training data yields no batches",
+                                     hint="check data.sources and per_device_batch_size"
+                                     ) from None
                 self.state.epoch += 1
         return batches
 

@@ -141,3 +141,15 @@ def test_non_empty_output_dir_is_refused_without_overwrite(tmp_path):
     result = panda.job.train(recipe(tmp_path, max_steps=1), resume="never", overwrite=True)
     assert result["step"] == 1
     assert (out / "notes.txt").read_text() == "mine"  # only panda's own outputs are replaced
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    # 16 micro-batches per epoch, 2 per step: step 8 ends epoch 0 exactly
+    panda.job.train(recipe(tmp_path, per_device_batch_size=4, gradient_accumulation_steps=2,
+                           max_steps=8))
+    result = panda.job.train(recipe(tmp_path, per_device_batch_size=4,
+                                    gradient_accumulation_steps=2, max_steps=12))
+    expected, _ = plain_losses(12, 4, 2)
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert result["history"][0]["step"] == 9 and len(result["history"]) == 4
