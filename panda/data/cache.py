@@ -85,13 +85,17 @@ def is_builder() -> bool:
 
 
 def build_or_wait(folder: Path, build: Callable[[Path], None], *, what: str,
-                  wait_seconds: float | None = None) -> Path:
-    """``folder`` once complete: built here by ``build(tmp)``, or by another process."""
+                  wait_seconds: float | None = None) -> bool:
+    """Make sure ``folder`` is complete: built here by ``build(tmp)``, or by another process.
+
+    Returns whether this process built it.
+    """
     if folder.is_dir():
-        return folder
+        return False
     failed = folder.with_name(folder.name + ".failed")
     if not is_builder():
-        return _wait_for(folder, failed, what, wait_seconds)
+        _wait_for(folder, failed, what, wait_seconds)
+        return False
     folder.parent.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -111,10 +115,11 @@ def build_or_wait(folder: Path, build: Callable[[Path], None], *, what: str,
         shutil.rmtree(tmp, ignore_errors=True)
         if not folder.is_dir():
             raise
-    return folder
+        return False
+    return True
 
 
-def _wait_for(folder: Path, failed: Path, what: str, wait_seconds: float | None) -> Path:
+def _wait_for(folder: Path, failed: Path, what: str, wait_seconds: float | None) -> None:
     limit = wait_seconds if wait_seconds is not None else float(
         os.environ.get("PANDA_DATA_WAIT_S", 24 * 3600))
     start = time.monotonic()
@@ -126,7 +131,6 @@ def _wait_for(folder: Path, failed: Path, what: str, wait_seconds: float | None)
                             hint="the first process of this node builds it; see its log, "
                             "or set PANDA_DATA_WAIT_S")
         time.sleep(POLL_SECONDS)
-    return folder
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -51,7 +51,7 @@ class TokenizedSource:
     store: TokenStore
     stats: SourceStats
     key: str  # the cache fingerprint
-    from_cache: bool  # False when this call tokenized it (or waited for another process)
+    from_cache: bool  # False when this process tokenized it
 
 
 def tokenize_source(plugin: DatasetPlugin, plugin_name: str, path: Any, ctx: EncodeContext, *,
@@ -77,12 +77,11 @@ def tokenize_source(plugin: DatasetPlugin, plugin_name: str, path: Any, ctx: Enc
                                 on_bad_record=on_bad_record, where=where)
         cache.write_json(tmp / "stats.json", {"files_list": files, **asdict(stats)})
 
-    from_cache = folder.is_dir()
-    cache.build_or_wait(folder, build, what=f"the tokens of {where}")
+    built_here = cache.build_or_wait(folder, build, what=f"the tokens of {where}")
     raw = cache.read_json(folder / "stats.json")
     raw.pop("files_list", None)
     return TokenizedSource(TokenStore(str(folder / "tokens.arrow")), SourceStats(**raw), key,
-                           from_cache)
+                           from_cache=not built_here)
 
 
 def _tokenize_files(plugin: DatasetPlugin, files: list[str], ctx: EncodeContext, out: Path, *,

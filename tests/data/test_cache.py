@@ -127,8 +127,9 @@ def test_other_ranks_wait_for_the_first_to_build(tokenizer, source):
     time.sleep(3)  # the waiter is polling by now: nothing exists yet
     assert waiter.poll() is None
     built = prepared_with(tokenizer, source)
+    assert not built.sources[0].from_cache  # this process (the builder) tokenized it
     out, err = waiter.communicate(timeout=60)
-    assert out.strip() == f"rows {built.num_rows} cached True", err
+    assert out.strip() == f"rows {built.num_rows} cached True", err  # the waiter did not
 
 
 def test_other_ranks_stop_with_the_builders_error(tokenizer, tmp_path):
