@@ -176,3 +176,16 @@ def test_model_inputs_turn_the_kv_cache_off():
              "position_ids": torch.zeros(1, 8), "_num_docs": torch.ones(1)}
     assert set(data.model_inputs(batch)) == {"input_ids", "position_ids", "use_cache"}
     assert data.model_inputs(batch)["use_cache"] is False
+
+
+def test_validation_refuses_packing_it_cannot_keep_apart():
+    from panda.errors import RecipeError
+    from tests.data.conftest import FIXTURES
+
+    source = [{"name": "instruction", "path": str(FIXTURES / "instruction.jsonl")}]
+    remote = {"preset": "tiny-llama", "trust_remote_code": True}
+    with pytest.raises(RecipeError, match="packing with a model's own remote code"):
+        make_recipe(source, model=remote)
+    assert not make_recipe(source, model=remote, packing=False).data.packing
+    for attn in data.PACKING_ATTENTION:
+        make_recipe(source, model={"preset": "tiny-llama", "attn": attn})
