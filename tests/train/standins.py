@@ -185,14 +185,15 @@ def standin_build_data(sequences_count: int = 64):
 
 def backend_job(tmp: str, backend_name: str, *, batch_size: int, accumulation: int,
                 max_grad_norm: float = 1.0, lr: float = 0.05, precision: str = "fp32",
-                model: Any = None):
+                model: Any = None, compile: bool = False, optimizer: Any = None):
     """A Job around the tiny Llama with ``backend_name`` set up; no data attached."""
     from panda import recipe as recipe_io
     from panda.job import Job
 
     register_standins()
     data = standin_recipe_data(tmp, per_device_batch_size=batch_size,
-                               gradient_accumulation_steps=accumulation, precision=precision)
+                               gradient_accumulation_steps=accumulation, precision=precision,
+                               compile=compile)
     data["optim"].update(lr=lr, max_grad_norm=max_grad_norm)
     data["backend"] = {"name": backend_name}
     recipe = recipe_io.validate(data)
@@ -200,7 +201,8 @@ def backend_job(tmp: str, backend_name: str, *, batch_size: int, accumulation: i
     dist = backend.init_distributed()
     job = Job(recipe=recipe, backend=backend, dist=dist, output_dir=Path(tmp),
               model=model if model is not None else tiny_llama(0), method=StandinLm(),
-              optimizer_plugin=StandinSgd(), schedule_plugin=StandinConstant(), total_steps=10)
+              optimizer_plugin=optimizer or StandinSgd(), schedule_plugin=StandinConstant(),
+              total_steps=10)
     backend.setup(job)
     return job
 
