@@ -178,9 +178,13 @@ class TorchBackend(TrainBackend):
             nonfinite = not (loss_finite and math.isfinite(grad_norm))
             if not nonfinite and not skip:
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.scheduler.step()
         return {"grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
+
+    def zero_grad(self) -> None:
+        """Drop the step's gradients (a wrapper that keeps them in buckets zeroes them there)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def clip_gradients(self) -> Any:
         """The gradients' total norm before clipping (a tensor); clips when max_grad_norm > 0.

@@ -25,6 +25,16 @@ from panda.plugins.api import Options
 
 SHARDED_STATE = "sharded"  # torch.distributed.checkpoint folder: model + optimizer shards
 
+# FSDP2 hands the optimizer DTensor shards; these optimizers cannot update them.
+OPTIMIZERS_WITHOUT_DTENSOR = {
+    "adafactor": "adafactor (transformers) keeps its factored statistics as plain tensors, "
+                 "which cannot update FSDP2's sharded (DTensor) weights; use adamw, lion or "
+                 "nvlamb, or backend ddp",
+    "adamw8bit": "adamw8bit (bitsandbytes) runs kernels on the raw memory of whole "
+                 "parameters and fails on FSDP2's sharded (DTensor) weights (bitsandbytes "
+                 "issue 1633); use adamw, lion or nvlamb, or backend ddp",
+}
+
 
 class FsdpOptions(Options):
     reshard_after_forward: bool = Field(True, description="Free each block's gathered weights "
@@ -56,6 +66,8 @@ class Fsdp(Ddp):
             raise InvalidKey(("backend", "activation_checkpointing"),
                              "model.gradient_checkpointing already recomputes every block; "
                              "set one of the two, not both")
+        if recipe.optim.name in OPTIMIZERS_WITHOUT_DTENSOR:
+            raise InvalidKey(("optim", "name"), OPTIMIZERS_WITHOUT_DTENSOR[recipe.optim.name])
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, job: Any) -> None:
@@ -215,17 +227,19 @@ class Fsdp(Ddp):
 
 
 class ShardedPrecision:
-    """``Precision`` as FSDP2 wants it: FSDP casts the weights itself, so no autocast.
+    """``Precision`` for backends whose ranks hold different gradients (sharded ones).
 
-    FSDP's MixedPrecisionPolicy all-gathers the fp32 shards as bf16/fp16 and every op
-    of the block runs in that dtype (torchtitan turns autocast off under FSDP too).
-    fp16 gradients are unscaled shard by shard, so the loss scaler must agree across
-    ranks on whether any shard overflowed: ShardedGradScaler all-reduces that.
+    With ``casts_weights`` (FSDP's mixed precision: the fp32 shards are gathered as
+    bf16/fp16 and every op of the block runs in that dtype) there is no autocast,
+    as in torchtitan. fp16 gradients are unscaled shard by shard, so the loss scaler
+    must agree across ranks on whether any shard overflowed: ShardedGradScaler
+    all-reduces that verdict.
     """
 
-    def __init__(self, precision: Any):
+    def __init__(self, precision: Any, casts_weights: bool = True):
         self.precision = precision
         self.name = precision.name
+        self.casts_weights = casts_weights
 
     @property
     def compute_dtype(self) -> Any:
@@ -239,7 +253,7 @@ class ShardedPrecision:
     def autocast(self) -> Any:
         from contextlib import nullcontext
 
-        return nullcontext()
+        return nullcontext() if self.casts_weights else self.precision.autocast()
 
     def grad_scaler(self) -> Any:
         if self.name != "fp16":

@@ -117,6 +117,19 @@ def assert_export_matches_trained_model(result: dict[str, Any]) -> None:
                                rtol=0, atol=1e-5)
 
 
+def validation_error(*overrides: str) -> Any:
+    """The RecipeError that ``panda recipe validate recipes/demo.toml --set ...`` reports."""
+    import pytest
+
+    from panda.errors import RecipeError
+    from panda.recipe import load
+
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(RecipeError) as error:
+        load(root / "recipes" / "demo.toml", list(overrides))
+    return error.value
+
+
 def assert_losses_close(actual: dict[int, float], expected: dict[int, float],
                         rel: float) -> None:
     assert sorted(actual) == sorted(expected)

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from distributed_runs import (assert_export_matches_trained_model, assert_losses_close,
-                              probe_logits, recipe_data, run)
-
-pytestmark = pytest.mark.slow
+                              probe_logits, recipe_data, run, validation_error)
 
 GLOBAL_BATCH = 4  # sequences per micro-batch over all ranks; 2 micro-batches per step
 STEPS = 5
@@ -34,11 +32,13 @@ def fsdp(tmp_path_factory):
                            batch_size=GLOBAL_BATCH // 2), nproc=2)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(single, fsdp):
     assert_losses_close(fsdp["losses"], single["losses"], LOSS_RTOL)
     assert_losses_close(fsdp["grad_norms"], single["grad_norms"], LOSS_RTOL)
 
 
+@pytest.mark.slow
 def test_resume_from_step_3_repeats_steps_4_and_5(fsdp, tmp_path):
     checkpoint = fsdp["output"] / "checkpoints" / "step-00000003"
     assert (checkpoint / "sharded" / ".metadata").is_file()
@@ -51,10 +51,12 @@ def test_resume_from_step_3_repeats_steps_4_and_5(fsdp, tmp_path):
     assert_export_matches_trained_model(resumed)
 
 
+@pytest.mark.slow
 def test_export_computes_the_trained_models_logits(fsdp):
     assert_export_matches_trained_model(fsdp)
 
 
+@pytest.mark.slow
 def test_offload_checkpointing_and_no_reshard_change_nothing_but_memory(single, tmp_path):
     # On a CPU host the offload policy must not pin memory (that needs an accelerator), and
     # the recomputation in backward must gather the block's weights again.
@@ -64,3 +66,33 @@ def test_offload_checkpointing_and_no_reshard_change_nothing_but_memory(single, 
                              batch_size=GLOBAL_BATCH // 2), nproc=2)
     assert_losses_close(result["losses"], single["losses"], LOSS_RTOL)
     assert_export_matches_trained_model(result)
+
+
+# -- what fsdp cannot honor fails at `panda recipe validate` -----------------------------------
+
+@pytest.mark.parametrize("optim, says", [
+    ("adafactor", "factored statistics as plain tensors"),
+    ("adamw8bit", "bitsandbytes issue 1633"),
+])
+def test_optimizers_that_cannot_update_sharded_weights_are_refused(optim, says):
+    error = validation_error("backend.name=\"fsdp\"", f"optim.name=\"{optim}\"")
+    assert error.key == "optim.name" and says in str(error)
+
+
+def test_two_kinds_of_activation_checkpointing_are_refused():
+    error = validation_error("backend.name=\"fsdp\"", "backend.activation_checkpointing=true",
+                             "model.gradient_checkpointing=true")
+    assert error.key == "backend.activation_checkpointing"
+    assert "set one of the two" in str(error)
+
+
+def test_quantized_base_is_refused():
+    error = validation_error("backend.name=\"fsdp\"", "lora.r=8", "quant.bits=4")
+    assert error.key == "quant" and "cannot be sharded" in str(error)
+
+
+def test_cli_validate_says_why(run_panda):
+    result = run_panda("recipe", "validate", "recipes/demo.toml", "--set",
+                       "backend.name=\"fsdp\"", "--set", "optim.name=\"adafactor\"")
+    assert result.returncode == 2
+    assert "optim.name: adafactor (transformers) keeps its factored statistics" in result.stderr
