@@ -139,7 +139,9 @@ def build_job(recipe: Recipe, *, resume: str = "auto", overwrite: bool = False,
     # 4. tokenizer, model, method
     model_plugin = registry.get("model", recipe.model.name)(recipe.model.options)
     job.tokenizer = model_plugin.tokenizer(recipe)
-    job.model = model_plugin.build(recipe)
+    # A backend that spreads the layers over ranks (pipeline) builds only its own part.
+    build_model = getattr(backend, "build_model", None)
+    job.model = build_model(model_plugin, recipe) if build_model else model_plugin.build(recipe)
     job.method = registry.get("method", recipe.method.name)(recipe.method.options)
     job.model = job.method.prepare(job.model, job)
     # 5. data
@@ -169,17 +171,24 @@ def make_backend(recipe: Recipe) -> Any:
 def build_data(job: Job) -> None:
     import panda.data as data
 
-    recipe, dist = job.recipe, job.dist
+    recipe = job.recipe
     data_format = getattr(job.method, "data_format", "lm")
     prepared = data.prepare(recipe, job.tokenizer, split="train", data_format=data_format)
+    shard, shards = data_shard(job)
     job.train_batches = data.TrainBatches(prepared, batch_size=recipe.train.per_device_batch_size,
-                                          rank=dist.rank, world_size=dist.world_size,
-                                          seed=recipe.run.seed)
+                                          rank=shard, world_size=shards, seed=recipe.run.seed)
     if recipe.data.eval_sources or recipe.data.eval_fraction > 0:
         held_out = data.prepare(recipe, job.tokenizer, split="eval", data_format=data_format)
         job.eval_batches = data.EvalBatches(held_out,
                                             batch_size=recipe.train.per_device_batch_size,
-                                            rank=dist.rank, world_size=dist.world_size)
+                                            rank=shard, world_size=shards)
+
+
+def data_shard(job: Job) -> tuple[int, int]:
+    """(this rank's shard, shard count) of the data: one shard per rank, unless the backend
+    groups ranks into data-parallel replicas that each hold one model (pipeline stages)."""
+    shard = getattr(job.backend, "data_shard", None)
+    return shard() if shard else (job.dist.rank, job.dist.world_size)
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:

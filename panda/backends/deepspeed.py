@@ -32,8 +32,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -293,7 +294,8 @@ class DeepSpeed(TrainBackend):
         """DeepSpeed's own checkpoint (every rank its partition) plus the HF config and tokenizer."""
         self.engine.save_checkpoint(str(Path(path) / ENGINE_DIR), tag=ENGINE_TAG)
         if self.dist.is_main:
-            write_hf_meta(self.engine.module, self.job.tokenizer, Path(path) / HF_META_DIR)
+            with cache_restored(self):
+                write_hf_meta(self.engine.module, self.job.tokenizer, Path(path) / HF_META_DIR)
 
     def load(self, path: str) -> None:
         folder = Path(path) / ENGINE_DIR
@@ -307,15 +309,9 @@ class DeepSpeed(TrainBackend):
     def export(self, path: str, tokenizer: Any) -> None:
         from panda.backends.zero_export import export_engine
 
-        config = getattr(self.engine.module, "config", None)
-        if self.config_use_cache:
-            config.use_cache = True  # generation wants its cache back
-        try:
+        with cache_restored(self):
             export_engine(self.engine, self.zero_stage, tokenizer, path, self.export_dtype,
                           is_main=self.dist.is_main)
-        finally:
-            if self.config_use_cache:
-                config.use_cache = False
         self.barrier()
 
     def close(self) -> None:
@@ -330,6 +326,19 @@ class DeepSpeed(TrainBackend):
         if engine is not None:
             engine.destroy()
             self.engine = None
+
+
+@contextmanager
+def cache_restored(backend: Any) -> Iterator[None]:
+    """The model config's ``use_cache`` as the model came, while writing it out."""
+    config = getattr(backend.engine.module, "config", None)
+    if backend.config_use_cache:
+        config.use_cache = True  # generation wants its cache back
+    try:
+        yield
+    finally:
+        if backend.config_use_cache:
+            config.use_cache = False
 
 
 def write_hf_meta(model: Any, tokenizer: Any, folder: Path) -> None:

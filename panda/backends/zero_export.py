@@ -61,16 +61,12 @@ def _join(prefix: str, name: str) -> str:
 def save_hf_folder(model: Any, state: dict[str, Any], tokenizer: Any, path: str,
                    dtype: Any = None) -> None:
     """``model.save_pretrained`` with an explicit state (cast to ``dtype``), then the tokenizer."""
-    import torch
-
     if not hasattr(model, "save_pretrained"):
         raise PandaError(f"cannot export a {type(model).__name__} as a Hugging Face folder",
                          hint="the model plugin must build a transformers PreTrainedModel")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.config.dtype = dtype
-    elif any(v.dtype == torch.float32 for v in state.values()):
-        model.config.dtype = torch.float32
     generation = getattr(model, "generation_config", None)
     if generation is not None and tokenizer is not None:
         for field in ("eos_token_id", "bos_token_id", "pad_token_id"):

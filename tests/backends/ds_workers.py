@@ -88,3 +88,83 @@ def train_worker(rank: int, world_size: int, ports: list[int], runs: list[dict])
         summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
         if rank == 0:
             Path(run["summary"]).write_text(json.dumps(summary))
+
+
+# -- pipeline --------------------------------------------------------------------------------
+
+def pipeline_job(tmp: str, model: dict[str, Any], backend: dict[str, Any], *, batch_size: int,
+                 accumulation: int, max_grad_norm: float, lr: float = 0.05):
+    """A Job whose model the ds-pipeline backend builds (this stage's layers only); no data."""
+    from panda import recipe as recipe_io
+    from panda.job import Job
+
+    register_standins()
+    data = standin_recipe_data(tmp, per_device_batch_size=batch_size,
+                               gradient_accumulation_steps=accumulation, precision="fp32")
+    data["optim"].update(lr=lr, max_grad_norm=max_grad_norm)
+    data["model"] = {"name": "hf", "dtype": "float32", "attn": "eager", **model}
+    data["method"] = {"name": "pretrain"}
+    data["backend"] = {"name": "ds-pipeline", **backend}
+    recipe = recipe_io.validate(data)
+    plugin = registry.get("backend", "ds-pipeline")(recipe.backend.options)
+    dist = plugin.init_distributed()
+    model_plugin = registry.get("model", "hf")(recipe.model.options)
+    job = Job(recipe=recipe, backend=plugin, dist=dist, output_dir=Path(tmp),
+              tokenizer=model_plugin.tokenizer(recipe),
+              model=plugin.build_model(model_plugin, recipe),
+              method=registry.get("method", "pretrain")(recipe.method.options),
+              optimizer_plugin=StandinSgd(), schedule_plugin=StandinConstant(), total_steps=10)
+    plugin.setup(job)
+    return job
+
+
+def pipeline_worker(rank: int, world_size: int, port: int, tmp: str, step_case: dict,
+                    eval_cases: list[dict]) -> None:
+    """A 2-stage pipeline: one training step exported to tmp/<name>, then eval sums per case."""
+    join(rank, world_size, port)
+    job = pipeline_job(tmp, step_case["model"], step_case["backend"], batch_size=1,
+                       accumulation=len(step_case["micro_batches"]),
+                       max_grad_norm=step_case["clip"])
+    result = job.backend.train_step([collate(mb) for mb in step_case["micro_batches"]])
+    job.backend.export(str(Path(tmp) / step_case["name"]), job.tokenizer)
+    if rank == 0:
+        torch.save({"result": result}, Path(tmp) / f"{step_case['name']}.pt")
+    for case in eval_cases:
+        job = pipeline_job(tmp, case["model"], case["backend"], batch_size=1, accumulation=1,
+                           max_grad_norm=0.0)
+        summed, count = job.backend.all_reduce_sum(list(job.backend.eval_step(case["batch"])))
+        if rank == 0:
+            torch.save({"sum": summed, "count": count}, Path(tmp) / f"{case['name']}.pt")
+    job.backend.close()
+
+
+def sharded_build_data(count: int):
+    """standin_build_data, sharded the way the job shards real data (per replica under PP)."""
+    from panda.job import data_shard
+    from standins import ListBatches, random_sequences
+
+    def build(job) -> None:
+        shard, shards = data_shard(job)
+        job.train_batches = ListBatches(random_sequences(count, seed=1),
+                                        job.recipe.train.per_device_batch_size, shard, shards,
+                                        seed=job.recipe.run.seed)
+
+    return build
+
+
+def pipeline_train_worker(rank: int, world_size: int, ports: list[int], runs: list[dict]) -> None:
+    """``train_worker`` for ds-pipeline runs: the hf model plugin, the pretrain method."""
+    import panda.job
+    from panda import recipe as recipe_io
+
+    register_standins()
+    panda.job.build_data = sharded_build_data(64)
+    for port, run in zip(ports, runs):
+        join(rank, world_size, port)
+        data = standin_recipe_data(run["output_dir"], **run["train"])
+        data["model"] = {"name": "hf", "dtype": "float32", "attn": "eager", **run["model"]}
+        data["method"] = {"name": "pretrain"}
+        data["backend"] = {"name": "ds-pipeline", **run["backend"]}
+        summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
+        if rank == 0:
+            Path(run["summary"]).write_text(json.dumps(summary))
