@@ -22,7 +22,8 @@ def model_options(command: Callable) -> Callable:
                      help=BACKEND_HELP),
         click.option("--option", "-o", "backend_options", multiple=True, metavar="KEY=VALUE",
                      help="Backend option, VALUE read as TOML (e.g. -o dtype=float16, "
-                     "-o fast_decode=off); `panda plugins show NAME` lists them."),
+                     "-o fast_decode=off); `panda plugins show NAME --kind infer_backend` "
+                     "lists them."),
         click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Processes (GPUs) for a tensor-parallel backend; starts torchrun."),
     ]

@@ -86,8 +86,17 @@ def share_from_main(value: Any) -> Any:
 
 
 def leave_process_group() -> None:
+    """Destroy the group once nothing uses it; the caller drops its model first.
+
+    Sharded modules keep their DeviceMesh alive; if one outlives the group, gloo
+    can abort at interpreter exit ("terminate called without an active exception"),
+    so collect them before destroying.
+    """
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()  # no rank tears its connections down while another still uses them

@@ -72,10 +72,11 @@ def stream_batches(backend: Any, prompts: Sequence[Prompt], sampling: Sampling, 
 def complete(backend: Any, prompts: Sequence[Prompt], sampling: Sampling, *,
              batch_size: int = 8) -> list[Completion]:
     """Every prompt's whole completion, in the order of ``prompts``."""
-    completions = [Completion(i) for i in range(len(prompts))]
-    for finished in collect(stream_batches(backend, prompts, sampling, batch_size=batch_size),
-                            completions):
-        pass
+    completions = [Completion(i, prompt_tokens=len(p) if not isinstance(p, str) else None)
+                   for i, p in enumerate(prompts)]
+    for _ in collect(stream_batches(backend, prompts, sampling, batch_size=batch_size),
+                     completions):
+        pass  # collect fills the completions in place
     return completions
 
 

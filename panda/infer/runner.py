@@ -38,7 +38,8 @@ def open_backend(name: str, options: dict[str, Any], model: str, adapter: str | 
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"--option for backend '{name}': {problems}",
-                         hint=f"`panda plugins show {name}` lists its options") from None
+                         hint=f"`panda plugins show {name} --kind infer_backend` lists its "
+                         "options") from None
     _quiet_transformers()
     backend.load(model, adapter=adapter)
     return backend

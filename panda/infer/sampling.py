@@ -31,19 +31,16 @@ class Sampling:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-            (self.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
-            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (self.top_k >= 0, "--top-k must be >= 0 (0 means off)"),
-            (self.repetition_penalty > 0, "--repetition-penalty must be > 0 (1 means off)"),
+            (self.max_new_tokens >= 1, "max-new-tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)"),
+            (0 < self.top_p <= 1, "top-p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top-k", "must be >= 0 (0 means off)"),
+            (self.repetition_penalty > 0, "repetition-penalty", "must be > 0 (1 means off)"),
         ]
-        for ok, message in checks:
+        for ok, flag, rule in checks:
             if not ok:
-                raise UsageError(f"{message} (got {self._value_named(message)})")
-
-    def _value_named(self, message: str) -> Any:
-        flag = message.split()[0].lstrip("-").replace("-", "_")
-        return getattr(self, flag)
+                value = getattr(self, flag.replace("-", "_"))
+                raise UsageError(f"--{flag} {rule} (got {value})")
 
     @property
     def greedy(self) -> bool:
