@@ -155,6 +155,19 @@ class Fairscale(Ddp):
             return self.optimizer.clip_grad_norm(max_norm)
         return self.model.clip_grad_norm_(max_norm)
 
+    def eval_step(self, batch: dict[str, Any]) -> tuple[float, int]:
+        if self.options.mode == "fsdp":
+            return super().eval_step(batch)
+        import torch
+
+        # Every rank holds all the weights: evaluate the bare model. Through the wrapper,
+        # eval mode reads as a change of trainable parameters, and ShardedDataParallel would
+        # rebuild its gradient hooks (and warn) at every switch between eval and train.
+        self.unwrapped.eval()
+        with torch.no_grad(), self.precision.autocast():
+            summed, count, _ = self.method.loss(self.unwrapped, self.to_device(batch))
+        return float(summed), int(count)
+
     # -- state ----------------------------------------------------------------------------
     def save(self, path: str) -> None:
         if self.options.mode == "oss":
