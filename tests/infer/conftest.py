@@ -58,8 +58,20 @@ def run_panda_input():
     return run
 
 
-def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+@pytest.fixture
+def greedy():
+    """Greedy decoding settings shared by the comparisons (keyword arguments of generate)."""
+    return dict(SAMPLING_GREEDY)
+
+
+@pytest.fixture
+def greedy_reference():
     """The hand-written greedy loop: full forward over the whole text, argmax, no cache."""
+    return _greedy_reference
+
+
+def _greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos: set[int]
+                      ) -> list[int]:
     import torch
 
     ids = list(prompt_ids)

@@ -6,9 +6,8 @@ import importlib.util
 
 import pytest
 
-from tests.infer.conftest import SAMPLING_GREEDY
-
-GREEDY = ["--temperature", "0", "--max-new-tokens", str(SAMPLING_GREEDY["max_new_tokens"])]
+SAMPLING_GREEDY = dict(temperature=0.0, max_new_tokens=16)
+GREEDY = ["--temperature", "0", "--max-new-tokens", "16"]
 
 
 def expected_text(backend, prompt, *, chat_template=True):
