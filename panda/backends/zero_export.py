@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from panda.errors import PandaError, UsageError
 
@@ -119,27 +120,79 @@ def checkpoint_state_dict(save_dir: Path, tag: str) -> dict[str, Any]:
     folder = save_dir / tag
     optim_files = sorted(folder.glob("*zero_pp_rank_*optim_states.pt"))
     if optim_files and _zero_stage(optim_files[0]) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils import zero_to_fp32
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+        with _safe_loads(zero_to_fp32):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
     model_files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not model_files:
         raise UsageError(f"{folder} holds no mp_rank_*_model_states.pt")
-    saved = _load(model_files[0])
+    saved = safe_load(model_files[0])
     return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()
             if isinstance(v, torch.Tensor)}
 
 
 def _zero_stage(optim_file: Path) -> int:
-    state = _load(optim_file)["optimizer_state_dict"]
+    state = safe_load(optim_file)["optimizer_state_dict"]
     return int(state.get("zero_stage", 0)) if isinstance(state, dict) else 0
 
 
-def _load(path: Path) -> Any:
+# DeepSpeed pickles a few of its own objects next to the tensors of a checkpoint; these are
+# allowed, nothing else (DESIGN section 6: nothing unsafe is loaded by default).
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _allowed_classes() -> list[Any]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name)
+            for module, name in DEEPSPEED_CHECKPOINT_CLASSES]
+
+
+def safe_load(path: Path | str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only``: tensors, containers and DeepSpeed's few classes."""
+    import pickle
+
     import torch
 
-    # DeepSpeed pickles Python objects (its config, loss scaler) into its checkpoints.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_allowed_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(f"{path} holds more than weights and DeepSpeed's state ({first}); "
+                         "panda does not unpickle arbitrary objects",
+                         hint="convert it with DeepSpeed's own zero_to_fp32.py if you trust "
+                         "where it came from") from None
+
+
+class _SafeTorch:
+    """``torch`` as DeepSpeed's zero_to_fp32 module sees it, with ``load`` made safe."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: Any, map_location: Any = None, **_: Any) -> Any:
+        return safe_load(f, map_location=map_location)
+
+
+@contextmanager
+def _safe_loads(module: Any) -> Iterator[None]:
+    """zero_to_fp32 calls ``torch.load(..., weights_only=False)``; swap in safe loads for the call."""
+    original = module.torch
+    module.torch = _SafeTorch()
+    try:
+        yield
+    finally:
+        module.torch = original
 
 
 def convert_zero_checkpoint(source: str, destination: str, config: str | None = None,
@@ -148,6 +201,9 @@ def convert_zero_checkpoint(source: str, destination: str, config: str | None = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from panda.backends.deepspeed import import_deepspeed
+
+    import_deepspeed("panda convert zero-to-hf")
     save_dir, tag, meta = find_engine_checkpoint(Path(source))
     meta_dir = Path(config) if config else meta
     if meta_dir is None:
@@ -160,6 +216,16 @@ def convert_zero_checkpoint(source: str, destination: str, config: str | None = 
     tokenizer = None
     if any((meta_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(meta_dir)
-    target_dtype = getattr(torch, dtype) if dtype else None
+    # fp32 master weights leave in the dtype the model came in, as the end-of-run export does
+    target_dtype = getattr(torch, dtype) if dtype else _config_dtype(model_config)
     save_hf_folder(model, state, tokenizer, destination, target_dtype)
     return Path(destination)
+
+
+def _config_dtype(config: Any) -> Any:
+    import torch
+
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "--query answers once."),
     "data": ("panda.cli.data_cmd", "data", "Tokenize and pack a recipe's data; inspect rows."),
     "train": ("panda.cli.train_cmd", "train", "Train, or resume, from a recipe."),
+    "convert": ("panda.cli.convert_cmd", "convert", "Checkpoint formats: HF, pipeline, ZeRO."),
     "eval": ("panda.cli.eval_cmd", "eval_", "Loss and perplexity of a saved model."),
     "merge-lora": ("panda.cli.lora_cmd", "merge_lora", "Fold a LoRA adapter into full weights."),
     "make-delta": ("panda.cli.delta_cmd", "make_delta", "Write delta weights: target - base."),

@@ -20,6 +20,32 @@ from standins import (StandinConstant, StandinLm, StandinSgd, collate, register_
                       standin_build_data, standin_recipe_data, tiny_llama)
 
 
+# Backend sections of the deepspeed cases, by name.
+ZERO_CASES = {
+    "zero0": {"name": "deepspeed", "zero_stage": 0},
+    "zero1": {"name": "deepspeed", "zero_stage": 1},
+    "zero2": {"name": "deepspeed", "zero_stage": 2},
+    "zero3": {"name": "deepspeed", "zero_stage": 3},
+    "zero3-offload": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
+                      "offload_params": "cpu", "pin_memory": False},
+}
+
+
+# The deepspeed cases that train through the whole loop.
+LOOP_CASES = ("zero1", "zero2", "zero3", "zero3-offload")
+# The ds-pipeline backend section of the pipeline cases: 2 stages, ZeRO-1 (fp32 needs it).
+PIPELINE = {"num_stages": 2, "zero_stage": 1}
+
+
+def save_hf_folder(model: Any, folder: Path) -> str:
+    """``model`` and the repository's tiny tokenizer as a Hugging Face folder."""
+    from panda.models import tiny_tokenizer
+
+    model.save_pretrained(folder)
+    tiny_tokenizer.load().save_pretrained(folder)
+    return str(folder)
+
+
 def join(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

@@ -19,21 +19,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ds_workers import one_step_worker, train_worker
+from ds_workers import LOOP_CASES, ZERO_CASES, one_step_worker
 from standins import collate, free_port, random_sequences, tiny_llama
 from test_loss_normalization import CLIP, SEQUENCES, assert_same_weights, reference_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_cpu_ops")]
-
-ZERO_CASES = {
-    "zero0": {"name": "deepspeed", "zero_stage": 0},
-    "zero1": {"name": "deepspeed", "zero_stage": 1},
-    "zero2": {"name": "deepspeed", "zero_stage": 2},
-    "zero3": {"name": "deepspeed", "zero_stage": 3},
-    "zero3-offload": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
-                      "offload_params": "cpu", "pin_memory": False},
-}
-
 
 def test_every_zero_stage_takes_the_reference_step(tmp_path):
     # rank 0 gets sequences 0 and 2, rank 1 gets 1 and 3: unequal token counts per rank,
@@ -54,46 +44,9 @@ def test_every_zero_stage_takes_the_reference_step(tmp_path):
 
 # -- the whole loop: 5 steps, resume, export -------------------------------------------------
 
-TRAIN = {"per_device_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 5,
-         "save_every": 1, "keep_last": 5}
-LOOP_CASES = ("zero1", "zero2", "zero3", "zero3-offload")
-
-
-def single_process_reference(tmp_path):
-    """The same 5 steps in one process: batch 4 = 2 ranks x 2, same order of sequences."""
-    import panda.job
-    from panda import recipe as recipe_io
-    from standins import register_standins, standin_build_data, standin_recipe_data
-
-    register_standins()
-    original = panda.job.build_data
-    panda.job.build_data = standin_build_data(64)
-    try:
-        data = standin_recipe_data(str(tmp_path / "single"),
-                                   **{**TRAIN, "per_device_batch_size": 4, "save_every": 0})
-        data["backend"] = {"name": "single"}
-        summary = panda.job.train(recipe_io.validate(data))
-    finally:
-        panda.job.build_data = original
-    return [step["loss"] for step in summary["history"]], tmp_path / "single" / "final"
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Every loop case trained 5 steps, then resumed from its step-3 checkpoint."""
-    tmp = tmp_path_factory.mktemp("deepspeed-loop")
-    runs = []
-    for name in LOOP_CASES:
-        runs.append({"output_dir": str(tmp / name), "summary": str(tmp / f"{name}.json"),
-                     "backend": ZERO_CASES[name], "train": TRAIN})
-        runs.append({"output_dir": str(tmp / f"{name}-resumed"),
-                     "summary": str(tmp / f"{name}-resumed.json"), "backend": ZERO_CASES[name],
-                     "train": TRAIN,
-                     "resume": str(tmp / name / "checkpoints" / "step-00000003")})
-    ports = [free_port() for _ in runs]
-    mp.spawn(train_worker, args=(2, ports, runs), nprocs=2, join=True)
-    reference_losses, reference_final = single_process_reference(tmp)
-    return tmp, reference_losses, reference_final
+def trained(deepspeed_runs):
+    return deepspeed_runs
 
 
 def summary(tmp, name):
