@@ -132,7 +132,8 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step hides events a cut-off run wrote after the checkpoint.
-        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+        purge_step = resume_step + 1 if resume_step else None
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         for key, value in values.items():
