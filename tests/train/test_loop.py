@@ -153,3 +153,19 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
     logged = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert logged == pytest.approx(expected, rel=1e-5)
     assert result["history"][0]["step"] == 9 and len(result["history"]) == 4
+
+
+def test_resume_from_an_explicit_older_checkpoint_replaces_later_ones(tmp_path):
+    settings = dict(per_device_batch_size=4, gradient_accumulation_steps=2, max_steps=10,
+                    save_every=4, keep_last=3)
+    panda.job.train(recipe(tmp_path, **settings))
+    older = tmp_path / "run" / "checkpoints" / "step-00000004"
+    result = panda.job.train(recipe(tmp_path, **settings), resume=str(older))
+    assert [h["step"] for h in result["history"]] == [5, 6, 7, 8, 9, 10]
+    expected, model = plain_losses(10, 4, 2)
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert logged == pytest.approx(expected, rel=1e-5)  # steps 5-10 logged once, anew
+    kept = [p.name for p in complete_checkpoints(tmp_path / "run")]
+    assert kept == ["step-00000004", "step-00000008", "step-00000010"]
+    with pytest.raises(UsageError, match="not a complete panda checkpoint"):
+        panda.job.train(recipe(tmp_path, **settings), resume=str(tmp_path / "nowhere"))
