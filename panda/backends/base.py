@@ -122,6 +122,8 @@ class TorchBackend(TrainBackend):
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         import torch
 
+        if self.dist.world_size == 1:  # nothing to sum, and no device round trip
+            return [float(v) for v in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
         return self.all_reduce_sum_(tensor).tolist()
 
@@ -140,7 +142,7 @@ class TorchBackend(TrainBackend):
         # gradients over ranks gets the world size back.
         scale = (self.dist.world_size if self.averages_gradients_over_ranks else 1) / max(units, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, float] = {}
+        extra: dict[str, Any] = {}  # method metrics, kept on the device until the step's sync
         for index, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
             with self.gradient_sync(index == len(micro_batches) - 1):
@@ -150,21 +152,24 @@ class TorchBackend(TrainBackend):
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += summed.detach().double()
             for key, value in metrics.items():
-                extra[key] = extra.get(key, 0.0) + float(value) / len(micro_batches)
-        loss_total = float(self.all_reduce_sum_(loss_sum.unsqueeze(0))[0])
-        loss = loss_total / units if units else 0.0
+                value = value.detach() if hasattr(value, "detach") else value
+                extra[key] = extra.get(key, 0.0) + value
+        loss = self.all_reduce_sum_(loss_sum) / max(units, 1)
         result = self.optimizer_step(loss, skip=units == 0)
-        result.update(loss=loss, units=units, tokens=tokens)
-        result.update(self._mean_over_ranks(extra))
+        result.update(units=units, tokens=tokens)
+        result.update(self._mean_over_ranks(
+            {k: float(v) / len(micro_batches) for k, v in extra.items()}))
         return result
 
-    def optimizer_step(self, loss: float, skip: bool = False) -> dict[str, float]:
-        """Unscale, clip, step (unless something is not finite), advance the schedule."""
-        import torch
+    def optimizer_step(self, loss: Any, skip: bool = False) -> dict[str, float]:
+        """Unscale, clip, step (unless something is not finite), advance the schedule.
 
+        ``loss`` (a float, or a device tensor) and the gradient norm reach the host in
+        one synchronisation: the only one of the step on one process.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(self.clip_gradients())
+        loss, grad_norm = _to_host(loss, self.clip_gradients())
         lr = float(self.scheduler.get_last_lr()[0])
         loss_finite = math.isfinite(loss)
         if self.scaler is not None:
@@ -180,7 +185,7 @@ class TorchBackend(TrainBackend):
                 self.optimizer.step()
         self.zero_grad()
         self.scheduler.step()
-        return {"grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
 
     def zero_grad(self) -> None:
         """Drop the step's gradients (a wrapper that keeps them in buckets zeroes them there)."""
@@ -261,6 +266,22 @@ class TorchBackend(TrainBackend):
                 if self.config_use_cache:
                     config.use_cache = False
         self.barrier()
+
+
+def _to_host(*values: Any) -> list[float]:
+    """Scalars (floats or 0-d tensors) as floats, with one device sync for the tensors."""
+    import torch
+
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    try:
+        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in tensors])
+    except (RuntimeError, TypeError):  # e.g. a sharded (DTensor) norm: fetch one by one
+        return [float(v) for v in values]
+    fetched = iter(stacked.tolist())
+    return [next(fetched) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _floating_dtype(model: Any) -> Any:
