@@ -85,6 +85,9 @@ def cli(debug: bool) -> None:
 
 
 def main() -> None:
+    from panda.launch import strip_local_rank_argument
+
+    sys.argv = strip_local_rank_argument(sys.argv)  # the DeepSpeed launcher appends it
     try:
         cli.main(prog_name="panda")
     except KeyboardInterrupt:
