@@ -24,3 +24,15 @@ def run_panda():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_cache(tmp_path_factory):
+    """Tests never fill the user's ~/.cache/panda; subprocesses inherit the variable."""
+    previous = os.environ.get("PANDA_CACHE")
+    os.environ["PANDA_CACHE"] = str(tmp_path_factory.mktemp("panda-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PANDA_CACHE", None)
+    else:
+        os.environ["PANDA_CACHE"] = previous

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from panda.plugins.methods.lm import LmOptions, Pretrain, Sft, model_inputs
+from panda.data.batches import model_inputs
+from panda.plugins.methods.lm import LmOptions, Pretrain, Sft
 from panda.plugins.methods.lm_loss import causal_lm_loss_sum
 from panda.plugins.methods.neftune import NEFTuneNoise, example_lengths
 
@@ -64,7 +65,7 @@ def test_loss_matches_a_plain_position_by_position_reference():
     batch = known_batch()
     total, count, metrics = Sft().loss(model, batch)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     want_total, want_count = reference_loss_sum(logits, batch["labels"])
     assert total.dtype == torch.float32
     assert int(count) == want_count == Sft().units(batch)
@@ -80,7 +81,7 @@ def test_loss_under_bf16_autocast_is_summed_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, count, _ = Sft().loss(model, batch)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     assert total.dtype == torch.float32
     assert float(total.detach()) == pytest.approx(reference_loss_sum(logits, batch["labels"])[0],
                                                   rel=2e-2)
@@ -238,7 +239,9 @@ def test_every_key_but_labels_and_metadata_reaches_the_model():
     batch = {**known_batch(), "attention_mask": torch.ones(2, 8, dtype=torch.long),
              "_source": ["a", "b"], "_lengths": [8, 8]}
     Sft().loss(Recorder(), batch)
-    assert sorted(seen) == ["attention_mask", "input_ids", "position_ids"]
+    # use_cache=False: with a KV cache transformers stops separating packed documents
+    assert sorted(seen) == ["attention_mask", "input_ids", "position_ids", "use_cache"]
+    assert seen["use_cache"] is False
     assert sorted(model_inputs(batch)) == sorted(seen)
 
 
@@ -323,7 +326,7 @@ def test_neftune_loss_equals_a_forward_with_the_same_noise_added_by_hand():
         lengths = torch.tensor([[8.0] * 8, [5.0] * 5 + [3.0] * 3])
         magnitude = (5.0 / torch.sqrt(lengths * embeds.size(-1))).unsqueeze(-1)
         noisy = embeds + torch.empty_like(embeds).uniform_(-1, 1) * magnitude
-        logits = model(inputs_embeds=noisy, position_ids=batch["position_ids"]).logits
+        logits = model(inputs_embeds=noisy, position_ids=batch["position_ids"], use_cache=False).logits
     want_total, want_count = reference_loss_sum(logits, batch["labels"])
     assert int(count) == want_count
     assert float(total) == pytest.approx(want_total, rel=1e-6)
@@ -332,7 +335,7 @@ def test_neftune_loss_equals_a_forward_with_the_same_noise_added_by_hand():
     model.eval()
     with torch.no_grad():
         clean = float(method.loss(model, batch)[0])
-        plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     assert clean == pytest.approx(reference_loss_sum(plain, batch["labels"])[0], rel=1e-6)
     assert clean != pytest.approx(float(total), rel=1e-4)
 

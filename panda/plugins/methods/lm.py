@@ -24,12 +24,6 @@ class LmOptions(Options):
                                  "embeddings during training; 0 = off (typical: 5).")
 
 
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """What the model's forward receives: every key but ``labels`` and ``_``-prefixed metadata."""
-    return {key: value for key, value in batch.items()
-            if key != "labels" and not key.startswith("_")}
-
-
 class CausalLm(MethodPlugin):
     """Next-token prediction on every labelled token."""
 
@@ -57,6 +51,7 @@ class CausalLm(MethodPlugin):
 
     def loss(self, model: "torch.nn.Module", batch: dict[str, Any]
              ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]:
+        from panda.data.batches import model_inputs  # adds use_cache=False: packing needs it
         from panda.plugins.methods.lm_loss import causal_lm_loss_sum
 
         noise_context = self._neftune.for_batch(batch) if self._neftune else nullcontext()
