@@ -10,7 +10,9 @@ the ones before it, none uses a later one):
 5. data: prepared once (rank 0 fills the cache, other ranks wait on files),
    then this rank's batches;
 6. step count and warm-up, then the optimizer and schedule factories;
-7. ``backend.setup(job)``: precision, device, compile, wrapping, optimizer.
+7. ``backend.setup(job)``: precision, device, compile, wrapping, optimizer;
+8. ``method.before_training(job)``: a pass over the data some methods need
+   (dpo's ``precompute_ref``).
 
 ``run_job`` then resumes if asked, trains, and exports ``<output_dir>/final``.
 """
@@ -142,6 +144,10 @@ def build_job(recipe: Recipe, *, resume: str = "auto", overwrite: bool = False,
     # A backend that spreads the layers over ranks (pipeline) builds only its own part.
     build_model = getattr(backend, "build_model", None)
     job.model = build_model(model_plugin, recipe) if build_model else model_plugin.build(recipe)
+    if recipe.lora is not None:  # after gradient checkpointing, before anything wraps it
+        from panda.adapters import apply_lora
+
+        job.model = apply_lora(job.model, recipe.lora, recipe.quant)
     job.method = registry.get("method", recipe.method.name)(recipe.method.options)
     job.model = job.method.prepare(job.model, job)
     # 5. data
@@ -153,6 +159,11 @@ def build_job(recipe: Recipe, *, resume: str = "auto", overwrite: bool = False,
     job.schedule_plugin = registry.get("scheduler", recipe.schedule.name)(recipe.schedule.options)
     # 7. the backend wraps the model and builds optimizer + schedule
     backend.setup(job)
+    # 8. a method that needs one pass over the data first (dpo's precompute_ref), run by
+    #    the backend like evaluation, so every rank and sharding scheme takes part
+    before_training = getattr(job.method, "before_training", None)
+    if before_training is not None:
+        before_training(job)
     return job
 
 

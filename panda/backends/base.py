@@ -288,6 +288,10 @@ def _floating_dtype(model: Any) -> Any:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+def is_peft_model(model: Any) -> bool:
+    return any(cls.__name__ == "PeftModel" for cls in type(model).__mro__)
+
+
 def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None,
                      state_dict: dict[str, Any] | None = None) -> None:
     """Save ``model`` as a Hugging Face folder, weights in ``dtype`` (the dtype it was built in).
@@ -297,6 +301,11 @@ def export_hf_folder(model: Any, tokenizer: Any, path: str, dtype: Any = None,
     """
     import torch
 
+    if is_peft_model(model):  # LoRA: the adapter folder is the product, not merged weights
+        from panda.adapters import save_adapter
+
+        save_adapter(model, path, state_dict=state_dict, tokenizer=tokenizer)
+        return
     if not hasattr(model, "save_pretrained"):
         raise PandaError(f"cannot export a {type(model).__name__} as a Hugging Face folder",
                          hint="the model plugin must build a transformers PreTrainedModel")

@@ -151,6 +151,17 @@ def load_pretrained(path: str, *, dtype: str, attn: str, trust_remote_code: bool
         raise error from exc
 
 
+def preset_config(fields: dict[str, Any], *, vocab_size: int,
+                  special_tokens: dict[str, Optional[int]]) -> Any:
+    """The transformers config of a preset shape with the tokenizer's size and special ids."""
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    model_type = fields.pop("model_type")
+    fields.update({name: value for name, value in special_tokens.items() if value is not None})
+    return AutoConfig.for_model(model_type, **{**fields, "vocab_size": vocab_size})
+
+
 def build_from_preset(fields: dict[str, Any], *, vocab_size: int, dtype: str, attn: str,
                       seed: int, special_tokens: dict[str, Optional[int]]) -> "torch.nn.Module":
     """A randomly initialised model of a preset shape; the same ``seed`` gives the same weights.
@@ -161,10 +172,7 @@ def build_from_preset(fields: dict[str, Any], *, vocab_size: int, dtype: str, at
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_attention(attn)
-    fields = dict(fields)
-    model_type = fields.pop("model_type")
-    fields.update({name: value for name, value in special_tokens.items() if value is not None})
-    config = AutoConfig.for_model(model_type, **{**fields, "vocab_size": vocab_size})
+    config = preset_config(fields, vocab_size=vocab_size, special_tokens=special_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -71,7 +71,9 @@ class HFModel(ModelPlugin):
         if options.path is not None:
             loading.check_model_folder(options.path, options.trust_remote_code)
         tokenizer = self.tokenizer(ctx)
-        if options.path is not None:
+        if ctx.quant is not None:
+            model = self._build_quantized(ctx, tokenizer)
+        elif options.path is not None:
             model = loading.load_pretrained(options.path, dtype=options.dtype, attn=options.attn,
                                             trust_remote_code=options.trust_remote_code)
         else:
@@ -85,10 +87,34 @@ class HFModel(ModelPlugin):
             model = loading.build_from_preset(PRESETS[options.preset], vocab_size=vocab_size,
                                               dtype=options.dtype, attn=options.attn,
                                               seed=ctx.run.seed, special_tokens=special)
-        loading.fit_to_tokenizer(model, tokenizer)
+        if ctx.quant is None:  # a quantized embedding cannot be resized
+            loading.fit_to_tokenizer(model, tokenizer)
         if options.gradient_checkpointing:
             loading.enable_activation_checkpointing(model)
         return model
+
+    def _build_quantized(self, ctx: Any, tokenizer: Any) -> Any:
+        """QLoRA's base: linear weights in 4/8 bits on this process's GPU.
+
+        A folder is quantized shard by shard as it loads; a preset is built directly
+        in low precision block by block (a 65B shape fits one 80 GB GPU)."""
+        from panda import adapters
+        from panda.models import loading
+
+        options = self.options
+        compute_dtype = adapters.compute_dtype_for(ctx.train.precision)
+        if options.path is not None:
+            return adapters.load_quantized_base(options.path, ctx.quant,
+                                                compute_dtype=compute_dtype, attn=options.attn,
+                                                trust_remote_code=options.trust_remote_code)
+        special = {name: getattr(tokenizer, name, None)
+                   for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        config = loading.preset_config(PRESETS[options.preset],
+                                       vocab_size=options.vocab_size or len(tokenizer),
+                                       special_tokens=special)
+        config._attn_implementation = options.attn
+        return adapters.quantized_model_from_config(config, ctx.quant,
+                                                    compute_dtype=compute_dtype)
 
     @classmethod
     def check_recipe(cls, options: HFModelOptions, recipe: Any) -> None:
