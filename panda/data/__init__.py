@@ -41,7 +41,9 @@ this rank's packed rows back to back (``prepared.layout == "flat"``).
 ``pair`` data (preference methods): ``chosen_input_ids``, ``chosen_labels``,
 ``chosen_attention_mask``, ``rejected_input_ids``, ``rejected_labels``,
 ``rejected_attention_mask``, all [B, T] and right-padded to one T, prompt
-labels -100; ``_num_pairs`` (a scalar). A pair is never split across
+labels -100; ``_num_pairs`` (a scalar); ``_source`` and ``_row`` LongTensor[B]
+(each pair's source index and row in that source's split, -1 for a padding
+pair). A pair is never split across
 micro-batches or ranks, and pairs are never packed.
 
 Iteration

@@ -219,6 +219,10 @@ def collate_pairs(prepared: "PreparedData", sources: np.ndarray, rows: np.ndarra
         doc = int(data.plan.row(int(row))[0])
         pairs.append({side: data.store.document(doc, f"{side}_") for side in ("chosen", "rejected")})
     real = len(pairs)
+    # Where each pair comes from (source index, row of that source's plan; -1 for the padding
+    # pair), so per-pair values computed before training (DPO's reference log-probs) can be
+    # looked up.
+    origin = {"_source": [int(s) for s in sources] or [-1], "_row": [int(r) for r in rows] or [-1]}
     if not pairs:
         empty = (np.full(1, prepared.pad_id, dtype=np.int64), np.zeros(1, dtype=np.uint8))
         pairs = [{"chosen": empty, "rejected": empty}]
@@ -241,6 +245,7 @@ def collate_pairs(prepared: "PreparedData", sources: np.ndarray, rows: np.ndarra
         batch[f"{side}_labels"] = torch.from_numpy(labels)
         batch[f"{side}_attention_mask"] = torch.from_numpy(attention)
     batch["_num_pairs"] = torch.tensor(real, dtype=torch.long)
+    batch.update({key: torch.tensor(values, dtype=torch.long) for key, values in origin.items()})
     return batch
 
 

@@ -195,6 +195,11 @@ class MethodPlugin(Plugin):
         """Adapt the model before the backend wraps it (a reward head, a reference copy)."""
         return model
 
+    def before_training(self, job: Any) -> None:
+        """Called once after ``backend.setup(job)``, before the first step: a pass over the
+        data (``job.train_batches``, ``job.eval_batches``) through ``job.backend.eval_step``,
+        say; it may replace those batch iterables with ones that add keys."""
+
     def loss(self, model: "torch.nn.Module", batch: dict[str, Any]
              ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]:
         """(fp32 sum of per-unit losses, unit count, metrics to log) of one micro-batch."""

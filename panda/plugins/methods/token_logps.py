@@ -1,0 +1,91 @@
+"""Log-probabilities of the labelled tokens of each row, without fp32 copies of the logits.
+
+Imported only when a preference method computes a loss (it imports torch).
+
+Labels are *not* shifted (the batch contract): ``logits[:, t]`` predicts
+``labels[:, t + 1]``, and ``-100`` marks tokens without loss. ``row_logps``
+returns, per row, the *sum* of ``log p(labels[t + 1] | tokens <= t)`` over the
+labelled tokens and their count; each method decides whether to average.
+
+Memory, as in :mod:`panda.plugins.methods.lm_loss`: ``log_softmax(logits.float())``
+would keep fp32 copies of the (2B, T, V) logits for backward. Here the logits are
+walked in chunks; while an fp32 chunk is at hand its gradient ``onehot - softmax``
+is written into one buffer of the logits' dtype, and backward only scales that
+buffer's rows in place by the incoming per-token gradient. A reference forward
+(no grad) allocates no buffer at all.
+
+The saved gradient is scaled in place, so a graph holding these log-probs can be
+backpropagated once (a second ``backward`` raises instead of reusing it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from panda.plugins.methods.lm_loss import CHUNK_ELEMENTS, IGNORE_INDEX, next_token_targets
+
+
+def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16 cannot hold the small probabilities before the loss scale multiplies them.
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """``log softmax(logits)[target]`` per row of 2-D logits (0 where the target is -100)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int,
+                want_grad: bool) -> torch.Tensor:
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp64 stays fp64
+        grad = (torch.empty(logits.shape, dtype=_gradient_dtype(logits.dtype),
+                            device=logits.device) if want_grad else None)
+        valid = targets != IGNORE_INDEX
+        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # -100 -> class 0, masked
+        picked_all = torch.empty(logits.size(0), dtype=compute_dtype, device=logits.device)
+        for start in range(0, logits.size(0), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            log_probs = torch.log_softmax(logits[rows], dim=1, dtype=compute_dtype)
+            picked = log_probs.gather(1, safe_targets[rows]).squeeze(1)
+            picked_all[rows] = picked
+            if want_grad:
+                # d log softmax[target] / d logits = onehot(target) - softmax. Stored negated
+                # (softmax - onehot, the cross-entropy gradient); backward flips the sign.
+                # The target column is computed in full precision: p - 1 cancels badly once
+                # rounded.
+                torch.exp(log_probs, out=grad[rows])
+                grad[rows].scatter_(1, safe_targets[rows],
+                                    (picked.exp() - 1).unsqueeze(1).to(grad.dtype))
+        if want_grad:
+            ctx.save_for_backward(grad, valid)
+        return torch.where(valid, picked_all, 0.0).float()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad, valid = ctx.saved_tensors
+        # In place: the buffer becomes the logits' gradient without a second copy; rows
+        # without a target get 0 in the same pass.
+        row_scale = -(valid.to(grad.dtype) * grad_output.to(grad.dtype))
+        grad.mul_(row_scale.unsqueeze(1))
+        return grad, None, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """(rows, seq) fp32 log-probs: entry ``t`` is ``log p(labels[:, t + 1])``, 0 where unlabelled.
+
+    ``logits``: (rows, seq, vocab) in any float dtype; ``labels``: (rows, seq), unshifted.
+    """
+    rows, seq, vocab = logits.shape
+    targets = next_token_targets(labels).reshape(-1)
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    per_token = ChunkedTokenLogProbs.apply(logits.reshape(-1, vocab), targets,
+                                           max(1, chunk_elements // vocab), want_grad)
+    return per_token.view(rows, seq)
+
+
+def row_logps(logits: torch.Tensor, labels: torch.Tensor,
+              chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row sum of labelled tokens' log-probs in fp32, per-row count of those tokens)."""
+    per_token = token_logps(logits, labels, chunk_elements)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return per_token.sum(dim=1), counts
