@@ -131,11 +131,13 @@ class TorchBackend(TrainBackend):
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         import torch
 
+        from panda.data.batches import token_slots
+
         self.model.train()
         # Units are counted before the forward pass, on the host: no device sync, and every
         # rank learns the step's total before its first backward.
         local_units = sum(int(self.method.units(batch)) for batch in micro_batches)
-        local_tokens = sum(int(batch["input_ids"].numel()) for batch in micro_batches)
+        local_tokens = sum(token_slots(batch) for batch in micro_batches)
         units, tokens = self.all_reduce_sum([local_units, local_tokens])
         # Each micro-batch backpropagates sum / (units of the whole step), so the gradients add
         # up to those of the step's mean loss whatever the split; a backend that averages

@@ -200,10 +200,12 @@ class DeepSpeed(TrainBackend):
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         import torch
 
+        from panda.data.batches import token_slots
+
         engine = self.engine
         engine.train()
         local_units = sum(int(self.method.units(batch)) for batch in micro_batches)
-        local_tokens = sum(int(batch["input_ids"].numel()) for batch in micro_batches)
+        local_tokens = sum(token_slots(batch) for batch in micro_batches)
         units, tokens = self.all_reduce_sum([local_units, local_tokens])
         lr = float(self.scheduler.get_last_lr()[0])
         if units == 0:  # nothing to learn from anywhere: keep the schedule moving, no update

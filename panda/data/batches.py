@@ -249,6 +249,18 @@ def collate_pairs(prepared: "PreparedData", sources: np.ndarray, rows: np.ndarra
     return batch
 
 
+def token_slots(batch: dict[str, Any]) -> int:
+    """Token positions in a batch, padding included: ``input_ids``, or both sides of a pair."""
+    return sum(int(value.numel()) for key, value in batch.items()
+               if key.endswith("input_ids") and not key.startswith("_"))
+
+
+def sequence_length(batch: dict[str, Any]) -> int:
+    """The batch's row length T (for pair batches, that of the chosen/rejected rows)."""
+    return max(int(value.shape[-1]) for key, value in batch.items()
+               if key.endswith("input_ids") and not key.startswith("_"))
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments for ``model(**...)`` of an ``lm`` batch.
 

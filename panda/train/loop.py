@@ -148,12 +148,14 @@ class Trainer:
         return result
 
     def one_step(self) -> dict[str, float]:
+        from panda.data.batches import sequence_length
+
         micro_batches = self.next_micro_batches(self.train.gradient_accumulation_steps)
         values = self.backend.train_step(micro_batches)
         self.state.step += 1
         step = self.state.step
         self.state.tokens_seen += int(values["tokens"])
-        seq_len = int(micro_batches[0]["input_ids"].shape[-1])
+        seq_len = sequence_length(micro_batches[0])
         self.throughput.add(int(values["tokens"]), seq_len)
         self._track_nonfinite(values)
         self.state.last_loss = values["loss"]
