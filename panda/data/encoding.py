@@ -189,17 +189,19 @@ def fit_pair(example: dict[str, Example], max_len: int, counts: FitCounts
              ) -> dict[str, Example] | None:
     """Truncate a preference pair so prompt + each reply fits; None if a reply is left empty.
 
-    A prompt longer than half the budget keeps its end (the question nearest
-    the reply); the replies are cut at their end.
+    The prompt gives way first: it keeps its end (the question nearest the reply),
+    only as much as the longer reply needs, but never less than half the budget
+    (or its whole length, if shorter). Only then are the replies cut at their end.
     """
     prompt, _ = example["prompt"]
     chosen, chosen_mask = example["chosen"]
     rejected, rejected_mask = example["rejected"]
-    if len(prompt) + max(len(chosen), len(rejected)) <= max_len:
+    longest_reply = max(len(chosen), len(rejected))
+    if len(prompt) + longest_reply <= max_len:
         return example
     counts.truncated += 1
-    if len(prompt) > max_len // 2:
-        prompt = prompt[-(max_len // 2):]
+    keep = min(len(prompt), max(max_len - longest_reply, max_len // 2))
+    prompt = prompt[len(prompt) - keep:]
     room = max_len - len(prompt)
     chosen, chosen_mask = chosen[:room], chosen_mask[:room]
     rejected, rejected_mask = rejected[:room], rejected_mask[:room]

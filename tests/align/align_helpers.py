@@ -7,6 +7,7 @@ Nothing here imports panda's method code: the tests compare panda against these.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from panda.models.presets import PRESETS
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAD = 0  # never drawn by random_pairs, so a reward head can find the last real token
 IGNORE = -100
 
