@@ -36,3 +36,14 @@ def _private_data_cache(tmp_path_factory):
         os.environ.pop("PANDA_CACHE", None)
     else:
         os.environ["PANDA_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _registry_left_as_found():
+    """A test's in-process registry.register() calls end with the test."""
+    from panda import registry
+
+    saved = {kind: dict(entries) for kind, entries in registry.registry._local.items()}
+    yield
+    registry.registry._local.clear()
+    registry.registry._local.update(saved)
