@@ -302,8 +302,9 @@ def pipeline_recipe_problems(options: PipelineOptions, recipe: Any) -> list[Inva
     precision = recipe.train.precision
     if options.offload_optimizer != "none" and precision == "bf16":
         problems.append(InvalidKey(("backend", "offload_optimizer"), "DeepSpeed cannot offload "
-                                   "the optimizer of a bf16 pipeline (its bf16 optimizer has "
-                                   "no offload); use precision fp16, or no offload"))
+                                   "the optimizer of a pipeline in train.precision = \"bf16\" "
+                                   "(its bf16 optimizer has no offload); use fp16, or no "
+                                   "offload"))
     if precision == "fp32" and options.zero_stage == 0:
         problems.append(InvalidKey(("backend", "zero_stage"), "an fp32 pipeline needs "
                                    "zero_stage = 1: without ZeRO, DeepSpeed 0.19 clips by the "

@@ -78,4 +78,16 @@ def build_pipeline_module(model_plugin: Any, recipe: Any, *, num_stages: int, st
             initialise_layer(layer, index, config, recipe.run.seed)
     module.to(torch_dtype(options.dtype))
     module.config = config  # for checkpoints' hf-meta and throughput figures
+    module.matmul_parameter_count = whole_model_matmul_parameters(config)
     return module
+
+
+def whole_model_matmul_parameters(config: Any) -> int:
+    """What every stage together multiplies by: all weights but the input embedding lookup."""
+    from panda.models.presets import parameter_count
+
+    shape = {k: getattr(config, k, None) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")}
+    embedding = config.vocab_size * config.hidden_size
+    return parameter_count(shape) - (0 if config.tie_word_embeddings else embedding)

@@ -44,13 +44,25 @@ def peak_tflops(device_name: str, precision: str, override: float | None = None)
 
 
 def matmul_parameters(model: Any) -> int:
-    """Parameters that take part in matmuls: all but input embeddings (a lookup)."""
-    total = sum(p.numel() for p in model.parameters())
+    """Parameters that take part in matmuls: all but input embeddings (a lookup).
+
+    A parameter that DeepSpeed ZeRO-3 partitioned is empty on this rank; ``ds_numel``
+    holds its full size. A pipeline stage holds a few layers; its module says the whole
+    model's count (``matmul_parameter_count``).
+    """
+    whole_model = getattr(model, "matmul_parameter_count", None)  # a pipeline stage's module
+    if whole_model:
+        return int(whole_model)
+    total = sum(_full_numel(p) for p in model.parameters())
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if embed is not None and (output is None or output.weight is not embed.weight):
-        total -= embed.weight.numel()
+        total -= _full_numel(embed.weight)
     return total
+
+
+def _full_numel(param: Any) -> int:
+    return int(getattr(param, "ds_numel", None) or param.numel())
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:

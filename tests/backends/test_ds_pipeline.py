@@ -26,7 +26,6 @@ from ds_workers import PIPELINE, pipeline_worker, save_hf_folder
 from standins import collate, free_port, next_token_loss, random_sequences, tiny_llama
 from test_loss_normalization import CLIP, SEQUENCES, assert_same_weights, reference_step
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_cpu_ops")]
 
 def tiny_variant(model_type, seed, **extra):
     """A tiny LLaMA-family model of another shape, eager attention, fp32."""
@@ -62,7 +61,7 @@ def separate_loss(model, sequences):
 
 
 @pytest.fixture(scope="module")
-def pipelined(tmp_path_factory):
+def pipelined(tmp_path_factory, deepspeed_cpu_ops):
     tmp = tmp_path_factory.mktemp("pipeline")
     llama = save_hf_folder(tiny_llama(0), tmp / "hf-llama")
     docs = random_sequences(3, seed=11, min_len=6, max_len=16)
@@ -90,6 +89,7 @@ def pipelined(tmp_path_factory):
     return tmp, expected, docs
 
 
+@pytest.mark.slow
 def test_one_step_equals_a_plain_pytorch_step(pipelined):
     from safetensors.torch import load_file
 
@@ -101,6 +101,7 @@ def test_one_step_equals_a_plain_pytorch_step(pipelined):
     assert_same_weights(load_file(tmp / "step" / "model.safetensors"), ref_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-tied", "mistral-window", "qwen2"])
 def test_pipelined_loss_equals_the_model_on_packed_documents(pipelined, name):
     tmp, expected, docs = pipelined
@@ -110,7 +111,8 @@ def test_pipelined_loss_equals_the_model_on_packed_documents(pipelined, name):
 
 
 def test_data_parallel_rank_layout_matches_deepspeed_topology():
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+    topology_module = pytest.importorskip("deepspeed.runtime.pipe.topology")
+    PipeDataParallelTopology = topology_module.PipeDataParallelTopology
 
     # ds-pipeline computes stage and replica from the rank as DeepSpeed lays them out
     topology = PipeDataParallelTopology(num_pp=2, num_dp=3)
@@ -130,11 +132,13 @@ def history(tmp, name):
     return json.loads((tmp / f"{name}.json").read_text())["history"]
 
 
+@pytest.mark.slow
 def test_five_steps_match_a_single_process(trained):
     tmp, reference_losses, _ = trained
     assert [s["loss"] for s in history(tmp, "run")] == pytest.approx(reference_losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_from_the_pipeline_checkpoint_gives_the_same_losses(trained):
     tmp, _, _ = trained
     full, resumed = history(tmp, "run"), history(tmp, "run-resumed")
@@ -142,6 +146,7 @@ def test_resume_from_the_pipeline_checkpoint_gives_the_same_losses(trained):
     assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in full[3:]], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_export_has_the_trained_logits(trained):
     from transformers import AutoModelForCausalLM
 
@@ -153,3 +158,71 @@ def test_export_has_the_trained_logits(trained):
         got = exported(input_ids=batch["input_ids"]).logits
         want = reference(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# -- what the recipe may ask for --------------------------------------------------------------
+
+def recipe_error(backend, **sections):
+    from panda import recipe as recipe_io
+    from panda.errors import PandaError
+
+    data = {"model": {"preset": "tiny-llama"},
+            "data": {"sources": [{"name": "instruction", "path": "data.jsonl"}]},
+            "backend": {"name": "ds-pipeline", **backend}, **sections}
+    try:
+        recipe_io.validate(data)
+    except PandaError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("backend, sections, expected", [
+    ({"zero_stage": 3}, {}, "backend.zero_stage: ZeRO-3 partitions gradients, which "
+     "DeepSpeed's pipeline engine cannot do"),
+    ({"zero_stage": 2}, {}, "backend.zero_stage: ZeRO-2 partitions gradients"),
+    ({"zero_stage": 1, "offload_optimizer": "cpu"}, {"train": {"precision": "bf16"}},
+     "backend.offload_optimizer: DeepSpeed cannot offload the optimizer of a pipeline in "
+     "train.precision = \"bf16\""),
+    ({}, {"lora": {}}, "[lora] does not work with backend 'ds-pipeline'"),
+    ({}, {"train": {"precision": "fp32"}}, "backend.zero_stage: an fp32 pipeline needs "
+     "zero_stage = 1"),
+    ({}, {"method": {"name": "sft", "neftune_alpha": 5.0}}, "method.neftune_alpha: NEFTune"),
+    ({}, {"model": {"preset": "phi3-mini"}}, "model: ds-pipeline supports llama, mistral and "
+     "qwen2 models, not 'phi3'"),
+    ({}, {"model": {"preset": "tiny-llama", "gradient_checkpointing": True}},
+     "model.gradient_checkpointing: under ds-pipeline, use "
+     "backend.activation_checkpoint_interval instead"),
+    ({"partition_method": "random"}, {}, "backend.partition_method: unknown partition_method"),
+])
+def test_what_a_pipeline_cannot_honour_fails_validation(backend, sections, expected):
+    error = recipe_error(backend, **sections)
+    assert error is not None and expected in error, error
+
+
+def test_a_pipeline_recipe_with_packing_validates():
+    # position_ids travel with the activations, so packed documents stay apart
+    assert recipe_error({"num_stages": 4, "zero_stage": 1, "activation_checkpoint_interval": 1},
+                        data={"sources": [{"name": "instruction", "path": "d.jsonl"}],
+                              "packing": True}) is None
+
+
+def test_a_middle_stage_keeps_its_place_without_reading_rows():
+    from panda.backends.ds_pipeline import skip_reading
+
+    class Batches:
+        def __init__(self):
+            self.read = 0
+
+        def _collate(self, sources, rows):
+            self.read += 1
+
+        def __iter__(self):
+            for start in range(0, 6, 2):
+                yield self._collate([0, 0], list(range(start, start + 2)))
+
+    batches = Batches()
+    skip_reading(batches)
+    placeholders = list(batches)
+    assert batches.read == 0 and len(placeholders) == 3
+    assert placeholders[0]["input_ids"].shape == (2, 1)
+    assert (placeholders[0]["labels"] == -100).all()
