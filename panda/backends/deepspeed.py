@@ -234,7 +234,7 @@ class DeepSpeed(TrainBackend):
         return result
 
     def _finish_step(self, loss: float) -> float:
-        """``engine.step`` (which clips, steps and advances the schedule); the norm before clipping."""
+        """``engine.step`` (clip, step, advance the schedule); returns the norm before clipping."""
         import torch
 
         measured = None
@@ -293,7 +293,7 @@ class DeepSpeed(TrainBackend):
 
     # -- state ----------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """DeepSpeed's own checkpoint (every rank its partition) plus the HF config and tokenizer."""
+        """DeepSpeed's own checkpoint (each rank its partition), plus HF config and tokenizer."""
         self.engine.save_checkpoint(str(Path(path) / ENGINE_DIR), tag=ENGINE_TAG)
         if self.dist.is_main:
             with cache_restored(self):
@@ -344,7 +344,7 @@ def cache_restored(backend: Any) -> Iterator[None]:
 
 
 def write_hf_meta(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The model's config, generation config and tokenizer: what an HF folder needs besides weights."""
+    """Config, generation config and tokenizer: what an HF folder needs besides weights."""
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)

@@ -142,11 +142,13 @@ class DsPipeline(DeepSpeed):
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         import math
 
+        from panda.data.batches import token_slots
+
         engine = self.engine
         # One last stage per replica: summing its counts over all ranks counts each once.
         if self.is_last_stage:
             local = [sum(int(self.method.units(b)) for b in micro_batches),
-                     sum(int(b["input_ids"].numel()) for b in micro_batches)]
+                     sum(token_slots(b) for b in micro_batches)]
         else:
             local = [0, 0]
         units, tokens = self.all_reduce_sum(local)

@@ -186,7 +186,7 @@ class _SafeTorch:
 
 @contextmanager
 def _safe_loads(module: Any) -> Iterator[None]:
-    """zero_to_fp32 calls ``torch.load(..., weights_only=False)``; swap in safe loads for the call."""
+    """zero_to_fp32 calls ``torch.load(..., weights_only=False)``: safe loads, for the call."""
     original = module.torch
     module.torch = _SafeTorch()
     try:
