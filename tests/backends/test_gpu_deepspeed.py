@@ -7,6 +7,8 @@
 * ZeRO-3 with CPU offload trains a ~5B-parameter Llama shape whose full fine-tuning state
   (bf16 weights and gradients, fp32 master weights, AdamW moments: 16 bytes a parameter)
   cannot fit in one GPU's memory without offload; the figures are printed and recorded.
+  It needs about 100 GB of host RAM (fp32 master weights, gradients and AdamW moments of
+  5.1B parameters live there) and builds DeepSpeedCPUAdam on first use (ninja, g++).
 
 The pipeline backend needs one GPU per stage: it is not checked here (2 stages on 1 GPU
 is not a configuration DeepSpeed supports).
