@@ -17,12 +17,25 @@ import click
 @click.option("--max-seq-length", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Default: bfloat16 on a GPU, float32 on CPU.")
+@click.option("--method", type=click.Choice(["lm", "rm"]), default="lm", show_default=True,
+              help="lm: next-token loss and perplexity; rm: a reward model's pairwise "
+              "accuracy on preference pairs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 def eval_(model_path: str, data_path: str, data_format: str | None, batch_size: int,
-          max_seq_length: int, dtype: str | None, as_json: bool) -> None:
-    """Loss (mean over target tokens) and perplexity of the model at PATH on FILE."""
+          max_seq_length: int, dtype: str | None, method: str, as_json: bool) -> None:
+    """Loss (mean over target tokens) and perplexity of the model at PATH on FILE, or with
+    --method rm the pairwise accuracy of a reward model on preference pairs."""
     import json
 
+    if method == "rm":
+        from panda.train.evaluate_pairs import evaluate_reward_model
+
+        pairs = evaluate_reward_model(model_path, data_path, batch_size=batch_size,
+                                      max_seq_length=max_seq_length, dtype=dtype)
+        click.echo(json.dumps(pairs) if as_json else
+                   f"pairwise accuracy {pairs['accuracy']:.4f} | loss {pairs['loss']:.4f} | "
+                   f"mean margin {pairs['margin']:.4f} | {pairs['pairs']:,} pairs")
+        return
     from panda.train.evaluate import evaluate_model
 
     result = evaluate_model(model_path, data_path, data_format=data_format,

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from panda.plugins.api import Options
 from panda.plugins.methods.preference import (PreferenceMethod, policy_pair_logps,
                                               reward_metrics)
+from panda.recipe_schema import InvalidKey
 
 
 class DpoOptions(Options):
@@ -44,6 +45,13 @@ class DpoOptions(Options):
     precompute_ref: bool = Field(False, description="Compute every pair's reference "
                                  "log-probs in one pass before training (cached beside the "
                                  "token cache) and keep no reference model in memory.")
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> "DpoOptions":
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise InvalidKey("label_smoothing", "applies to loss_type = \"sigmoid\" (cDPO) "
+                             "only; IPO has no label smoothing: remove it")
+        return self
 
 
 def dpo_losses(policy_chosen: Any, policy_rejected: Any, ref_chosen: Any, ref_rejected: Any,

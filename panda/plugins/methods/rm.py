@@ -95,6 +95,16 @@ class RewardModel(PreferenceMethod):
 
     Options = RewardModelOptions
 
+    @classmethod
+    def check_recipe(cls, options: Any, recipe: Any) -> None:
+        from panda.recipe_schema import InvalidKey
+
+        super().check_recipe(options, recipe)
+        if recipe.lora is not None and "lm_head" in recipe.lora.modules_to_save:
+            raise InvalidKey(("lora", "modules_to_save"), "the reward model has no lm_head (rm "
+                             "replaces it by a scalar score head, which is trained and saved "
+                             "in full anyway); remove \"lm_head\"")
+
     def prepare(self, model: Any, ctx: Any) -> Any:
         """Replace the LM head by a scalar ``score`` head (see the module docstring)."""
         from panda.plugins.methods.reference import peft_model_of
