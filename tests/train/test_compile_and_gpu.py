@@ -81,4 +81,5 @@ def test_demo_on_gpu_reaches_the_cpu_threshold(tmp_path, run_panda):
     assert result.returncode == 0, result.stderr
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
              if "eval_loss" in x]
-    assert evals[-1]["eval_loss"] < 0.1
+    # The CPU run of this command ends at eval_loss 0.374 (fp32); on one H100 it was 0.377.
+    assert evals[-1]["eval_loss"] < 0.45
