@@ -55,7 +55,7 @@ class Fairscale(Ddp):
         if options.mode == "oss":
             for key in FSDP_ONLY_OPTIONS:
                 if key in options.model_fields_set:
-                    raise InvalidKey(("backend", key), f"applies to mode = \"fsdp\" only; "
+                    raise InvalidKey(("backend", key), "applies to mode = \"fsdp\" only; "
                                      "remove it or set backend.mode = \"fsdp\"")
         optim = recipe.optim
         if optim.name == "nvlamb" and (options.mode == "fsdp" or

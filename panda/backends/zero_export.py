@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from panda.errors import PandaError, UsageError
+from panda.errors import UsageError
 
 
 # -- from a live engine ---------------------------------------------------------------------
@@ -61,24 +61,11 @@ def _join(prefix: str, name: str) -> str:
 
 def save_hf_folder(model: Any, state: dict[str, Any], tokenizer: Any, path: str,
                    dtype: Any = None) -> None:
-    """``model.save_pretrained`` with an explicit state (cast to ``dtype``), then the tokenizer."""
-    if not hasattr(model, "save_pretrained"):
-        raise PandaError(f"cannot export a {type(model).__name__} as a Hugging Face folder",
-                         hint="the model plugin must build a transformers PreTrainedModel")
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.config.dtype = dtype
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and tokenizer is not None:
-        for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if getattr(generation, field, None) is None:
-                setattr(generation, field, getattr(tokenizer, field, None))
-    from transformers.utils import logging as hf_logging
+    """``model.save_pretrained`` with an explicit state (cast to ``dtype``), then the tokenizer;
+    a LoRA (peft) model writes its adapter folder. One writer for every backend."""
+    from panda.backends.base import export_hf_folder
 
-    hf_logging.disable_progress_bar()  # one folder: a progress bar is noise in the log
-    model.save_pretrained(path, state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    export_hf_folder(model, tokenizer, path, dtype, state_dict=state)
 
 
 # -- from a saved checkpoint ----------------------------------------------------------------

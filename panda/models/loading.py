@@ -169,7 +169,7 @@ def build_from_preset(fields: dict[str, Any], *, vocab_size: int, dtype: str, at
     The global RNG is left as it was: initialisation draws from a forked generator.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     check_attention(attn)
     config = preset_config(fields, vocab_size=vocab_size, special_tokens=special_tokens)
