@@ -6,7 +6,11 @@ Nothing here imports panda's method code: the tests compare panda against these.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from panda.models.presets import PRESETS
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = FIXTURES.parents[2]
 PAD = 0  # never drawn by random_pairs, so a reward head can find the last real token
 IGNORE = -100
 
@@ -114,3 +119,18 @@ def assert_same_grads(actual: dict, expected: dict, rtol: float = 1e-5):
 def job_context(lora: Any = None) -> SimpleNamespace:
     """What ``method.prepare(model, ctx)`` reads from the job: the recipe's [lora]."""
     return SimpleNamespace(recipe=SimpleNamespace(lora=lora))
+
+
+def panda_train(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`panda train RECIPE ...` through the real CLI; fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PANDA_DEBUG"}
+    result = subprocess.run([sys.executable, "-m", "panda", "train", str(recipe), *extra],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def curve(out: Path, key: str) -> list[float]:
+    """One metric's values, step by step, from a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r]
