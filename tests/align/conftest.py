@@ -75,12 +75,13 @@ def write_recipe(tmp_path):
     def write(method: str, *, name: str | None = None, method_options: str = "",
               lr: float = 1e-3, batch: int = 4, accumulation: int = 1, steps: int = 6,
               eval_every: int = 0, backend: str = "auto", extra: str = "",
-              data: Path = FIXTURES / "pairs.jsonl", source: str = "preference") -> Path:
+              data: Path = FIXTURES / "pairs.jsonl", source: str = "preference",
+              eval_data: Path = FIXTURES / "eval_pairs.jsonl") -> Path:
         name = name or method
         path = tmp_path / f"{name}.toml"
         path.write_text(RECIPE.format(
             method=method, out=tmp_path / "runs" / name, data=data, source=source,
-            eval_data=FIXTURES / "eval_pairs.jsonl", method_options=method_options, lr=lr,
+            eval_data=eval_data, method_options=method_options, lr=lr,
             batch=batch, accumulation=accumulation, steps=steps, eval_every=eval_every,
             backend=backend, extra=extra), encoding="utf-8")
         return path
