@@ -32,6 +32,9 @@ class Preference(DatasetPlugin):
     data_format = "pair"
 
     def segments(self, record: dict[str, Any], ctx: Any) -> dict[str, list]:
+        if record["chosen"] == record["rejected"]:
+            raise BadRecord("chosen and rejected are the same reply: the pair expresses no "
+                            "preference")
         messages = [{"role": "system", "content": record["system"]}] if record["system"] else []
         for question, answer in record["history"]:
             messages += [{"role": "user", "content": question},
