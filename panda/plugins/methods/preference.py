@@ -40,7 +40,7 @@ def stacked_pairs(batch: dict[str, Any]) -> tuple["torch.Tensor", "torch.Tensor"
     return input_ids, labels
 
 
-def forward_logits(model: Any, input_ids: "torch.Tensor") -> "torch.Tensor":
+def forward_logits(model: Any, input_ids: "torch.Tensor", **kwargs: Any) -> "torch.Tensor":
     """Logits of a causal model on right-padded rows.
 
     No attention mask is sent: padding sits after every real token, so causal
@@ -49,7 +49,49 @@ def forward_logits(model: Any, input_ids: "torch.Tensor") -> "torch.Tensor":
     ids default to 0..T-1, which is right for right padding. ``use_cache=False``:
     training builds no KV cache.
     """
-    return model(input_ids=input_ids, use_cache=False).logits
+    return model(input_ids=input_ids, use_cache=False, **kwargs).logits
+
+
+def labelled_row_logps(model: Any, input_ids: "torch.Tensor", labels: "torch.Tensor"
+                       ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(per-row summed log-probs of the labelled tokens, their counts), in one forward.
+
+    Only the positions that predict a labelled token go through the LM head when the
+    model can be asked to (transformers' ``logits_to_keep`` with a boolean [rows, T]
+    mask returns their logits flattened, [N, V]): the prompt and the padding then
+    cost no LM-head projection and no logits, which for long prompts and a large
+    vocabulary is most of the logits' memory. Other models return all logits.
+    """
+    from panda.plugins.methods.token_logps import kept_row_logps, predicting_positions, row_logps
+
+    if not keeps_logits_by_mask(model):
+        return row_logps(forward_logits(model, input_ids), labels)
+    kept = predicting_positions(labels)
+    return kept_row_logps(forward_logits(model, input_ids, logits_to_keep=kept), labels, kept)
+
+
+_KEEPS_BY_MASK: dict[type, bool] = {}
+
+
+def keeps_logits_by_mask(model: Any) -> bool:
+    """Whether ``model``'s forward takes a boolean ``logits_to_keep`` mask (transformers 5's
+    causal LMs do; older versions took an int or index list only)."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    from panda.plugins.methods.reference import bare_module
+
+    causal = bare_module(model)
+    get_base = getattr(causal, "get_base_model", None)  # a peft model: the transformers one
+    causal = get_base() if callable(get_base) else causal
+    kind = type(causal)
+    if kind not in _KEEPS_BY_MASK:
+        takes_it = "logits_to_keep" in inspect.signature(kind.forward).parameters
+        _KEEPS_BY_MASK[kind] = takes_it and "boolean" in (slice_logits_to_keep.__doc__ or "")
+    return _KEEPS_BY_MASK[kind]
 
 
 def real_pairs(batch: dict[str, Any], device: Any) -> "torch.Tensor":
@@ -79,11 +121,8 @@ class PairLogps:
                          self.rejected_tokens)
 
 
-def pair_logps(logits: "torch.Tensor", labels: "torch.Tensor") -> PairLogps:
-    """Split the [2B, T, V] logits of :func:`stacked_pairs` rows into per-pair log-probs."""
-    from panda.plugins.methods.token_logps import row_logps
-
-    sums, counts = row_logps(logits, labels)
+def split_pairs(sums: "torch.Tensor", counts: "torch.Tensor") -> PairLogps:
+    """Per-pair log-probs from per-row ones of :func:`stacked_pairs` rows ([2B])."""
     pairs = sums.shape[0] // 2
     return PairLogps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:])
 
@@ -91,7 +130,7 @@ def pair_logps(logits: "torch.Tensor", labels: "torch.Tensor") -> PairLogps:
 def policy_pair_logps(model: Any, batch: dict[str, Any]) -> PairLogps:
     """The model's per-pair log-probs of both replies, in one forward over [2B, T]."""
     input_ids, labels = stacked_pairs(batch)
-    return pair_logps(forward_logits(model, input_ids), labels)
+    return split_pairs(*labelled_row_logps(model, input_ids, labels))
 
 
 def masked_mean(values: "torch.Tensor", real: "torch.Tensor") -> "torch.Tensor":

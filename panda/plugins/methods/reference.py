@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from panda.errors import PandaError
-from panda.plugins.methods.preference import (PairLogps, forward_logits, pair_logps,
+from panda.plugins.methods.preference import (PairLogps, labelled_row_logps, split_pairs,
                                               stacked_pairs)
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class FrozenCopy:
         if next(self.model.parameters()).device != input_ids.device:
             self.model.to(input_ids.device)
         with torch.no_grad():
-            return pair_logps(forward_logits(self.model, input_ids), labels)
+            return split_pairs(*labelled_row_logps(self.model, input_ids, labels))
 
 
 class StartingPolicy:
@@ -94,9 +94,9 @@ class StartingPolicy:
         try:
             with torch.no_grad():
                 if peft is None:
-                    return pair_logps(forward_logits(module, input_ids), labels)
+                    return split_pairs(*labelled_row_logps(module, input_ids, labels))
                 with peft.disable_adapter():
-                    return pair_logps(forward_logits(module, input_ids), labels)
+                    return split_pairs(*labelled_row_logps(module, input_ids, labels))
         finally:
             module.train(was_training)
 

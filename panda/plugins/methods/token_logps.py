@@ -89,3 +89,21 @@ def row_logps(logits: torch.Tensor, labels: torch.Tensor,
     per_token = token_logps(logits, labels, chunk_elements)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
     return per_token.sum(dim=1), counts
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[rows, seq] bool: the positions whose logits predict a labelled token."""
+    return next_token_targets(labels) != IGNORE_INDEX
+
+
+def kept_row_logps(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_logps`` from the logits of the ``kept`` positions only ([N, vocab], row-major,
+    N = kept.sum()), as ``model(..., logits_to_keep=kept)`` returns them."""
+    targets = next_token_targets(labels)[kept]
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    per_token = ChunkedTokenLogProbs.apply(logits, targets,
+                                           max(1, chunk_elements // logits.size(-1)), want_grad)
+    row_of_token = kept.nonzero()[:, 0]
+    sums = torch.zeros(kept.size(0), dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add(0, row_of_token, per_token), kept.sum(dim=1)
