@@ -29,9 +29,6 @@ CASES = {
         "data.sources[0]", "trains on preference pair data"),
     "lm method on preference data": (
         dict(method="sft"), (), "data.sources[0]", "gives preference pair data but method 'sft'"),
-    "packing asked for": (
-        dict(method="simpo"), ("data.packing=true",), "data.packing",
-        "preference pairs are never packed"),
     "dpo on ds-pipeline": (
         dict(method="dpo", backend="ds-pipeline"), (), "method.name",
         "ds-pipeline trains next-token methods"),

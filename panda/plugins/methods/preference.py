@@ -154,18 +154,6 @@ class PreferenceMethod(MethodPlugin):
 
     data_format: ClassVar[str] = "pair"
 
-    @classmethod
-    def check_recipe(cls, options: Any, recipe: Any) -> None:
-        """Refuse what a pair method cannot honour (the data sources' format is checked by
-        the dataset plugins, ds-pipeline's next-token-only limit by that backend)."""
-        from panda.recipe_schema import InvalidKey
-
-        if recipe.data.packing and "packing" in recipe.data.model_fields_set:
-            raise InvalidKey(("data", "packing"), "preference pairs are never packed (each pair "
-                             "is one right-padded row per reply, and the loss needs the two "
-                             "replies of a pair side by side); remove data.packing or set it "
-                             "to false")
-
     def units(self, batch: dict[str, Any]) -> int:
         """Real pairs in the batch (a padding pair counts 0)."""
         return int(batch["_num_pairs"])

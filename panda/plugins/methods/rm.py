@@ -99,7 +99,6 @@ class RewardModel(PreferenceMethod):
     def check_recipe(cls, options: Any, recipe: Any) -> None:
         from panda.recipe_schema import InvalidKey
 
-        super().check_recipe(options, recipe)
         if recipe.lora is not None and "lm_head" in recipe.lora.modules_to_save:
             raise InvalidKey(("lora", "modules_to_save"), "the reward model has no lm_head (rm "
                              "replaces it by a scalar score head, which is trained and saved "
