@@ -28,8 +28,6 @@ from panda.plugins.api import MethodPlugin
 if TYPE_CHECKING:
     import torch
 
-SIDES = ("chosen", "rejected")
-
 
 def stacked_pairs(batch: dict[str, Any]) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(input ids, labels) of shape [2B, T]: the chosen rows, then the rejected rows."""
