@@ -275,6 +275,11 @@ class TrainBackend(Plugin):
         backend.export(final_dir, tokenizer)
         backend.close()
 
+    Two optional hooks, looked up by name by ``panda.job``:
+    ``build_model(model_plugin, recipe)`` for a backend that builds only its own
+    part of the model (pipeline stages), and ``data_shard() -> (shard, shards)``
+    for one whose data-parallel groups differ from the ranks (PP x DP).
+
     Loss normalisation (DESIGN section 6) is the backend's duty: the step's loss
     is the sum of ``method.loss`` sums over every micro-batch on every rank,
     divided by the step's total ``method.units`` (all-reduced before the
