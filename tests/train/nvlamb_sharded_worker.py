@@ -41,6 +41,7 @@ def run(rank: int, world: int, port: int, result_file: str) -> None:
     if rank == 0:
         with open(result_file, "w") as out:
             out.write(repr(worst))
+    dist.barrier()  # both ranks done before teardown: gloo aborts when a peer leaves mid-exchange
     dist.destroy_process_group()
 
 

@@ -222,6 +222,10 @@ def ddp_step_worker(rank: int, world_size: int, port: int, tmp: str, micro_batch
         torch.save({"result": result, "state": job.backend.unwrapped.state_dict()},
                    Path(tmp) / "ddp.pt")
     job.backend.close()
+    # The result is on disk. gloo's worker threads occasionally abort the process while
+    # the interpreter tears down (SIGABRT, "terminate called without an active
+    # exception", seen about once in ten CI runs); that says nothing about the step.
+    os._exit(0)
 
 
 def free_port() -> int:
