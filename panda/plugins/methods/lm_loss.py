@@ -22,6 +22,10 @@ an fp32 buffer, because fp16 cannot hold the small probabilities before the loss
 scale multiplies them. (Not materialising the logits at all would mean fusing the
 LM head into the loss, which needs a hook into each architecture.)
 
+One kernel, ``ChunkedTokenLogProbs``, serves both this loss (minus the sum of the
+targets' log-probs) and the preference methods' per-row log-probs
+(:mod:`panda.plugins.methods.token_logps`).
+
 The saved gradient is scaled in place, so a graph holding this loss can be
 backpropagated once (a second ``backward`` raises instead of silently reusing it).
 """
@@ -46,17 +50,12 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16 cannot hold the small probabilities before the loss scale multiplies them.
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-class ChunkedCrossEntropySum(torch.autograd.Function):
-    """Sum of cross entropy over rows of 2-D logits; computes its gradient during forward.
-
-    Per chunk, three passes over the logits: a fused upcasting log-softmax, an exp
-    written straight into the gradient buffer, and backward's in-place scaling,
-    which also zeroes the rows without a target. That is fewer bytes moved than
-    ``F.cross_entropy(logits.float())`` forward and backward.
-    """
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """``log softmax(logits)[target]`` per row of 2-D logits (0 where the target is -100)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int,
@@ -66,28 +65,30 @@ class ChunkedCrossEntropySum(torch.autograd.Function):
                             device=logits.device) if want_grad else None)
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # -100 -> class 0, masked
-        total = torch.zeros((), dtype=compute_dtype, device=logits.device)
+        picked_all = torch.empty(logits.size(0), dtype=compute_dtype, device=logits.device)
         for start in range(0, logits.size(0), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             log_probs = torch.log_softmax(logits[rows], dim=1, dtype=compute_dtype)
             picked = log_probs.gather(1, safe_targets[rows]).squeeze(1)
-            total -= torch.where(valid[rows], picked, 0.0).sum()
+            picked_all[rows] = picked
             if want_grad:
-                # d(-log softmax[target]) / d logits = softmax - onehot(target). The target
-                # column is computed in full precision: p - 1 cancels badly once rounded.
+                # d log softmax[target] / d logits = onehot(target) - softmax. Stored negated
+                # (softmax - onehot, the cross-entropy gradient); backward flips the sign.
+                # The target column is computed in full precision: p - 1 cancels badly once
+                # rounded.
                 torch.exp(log_probs, out=grad[rows])
                 grad[rows].scatter_(1, safe_targets[rows],
                                     (picked.exp() - 1).unsqueeze(1).to(grad.dtype))
         if want_grad:
             ctx.save_for_backward(grad, valid)
-        return total.float()
+        return torch.where(valid, picked_all, 0.0).float()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad, valid = ctx.saved_tensors
-        # In place: the buffer becomes the logits' gradient without a second copy, and
-        # rows without a target (-100) get 0 in the same pass.
-        row_scale = valid.to(grad.dtype) * grad_output.to(grad.dtype)
+        # In place: the buffer becomes the logits' gradient without a second copy; rows
+        # without a target get 0 in the same pass.
+        row_scale = -(valid.to(grad.dtype) * grad_output.to(grad.dtype))
         grad.mul_(row_scale.unsqueeze(1))
         return grad, None, None, None
 
@@ -100,10 +101,9 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     unshifted, ``-100`` = no loss.
     """
     vocab = logits.size(-1)
-    flat_logits = logits.reshape(-1, vocab)  # a view: logits are contiguous
     flat_targets = next_token_targets(labels).reshape(-1)
-    rows_per_chunk = max(1, chunk_elements // vocab)
     # Evaluation (no_grad) skips the gradient buffer entirely.
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    total = ChunkedCrossEntropySum.apply(flat_logits, flat_targets, rows_per_chunk, want_grad)
-    return total, count_targets(labels)
+    per_token = ChunkedTokenLogProbs.apply(logits.reshape(-1, vocab), flat_targets,
+                                           max(1, chunk_elements // vocab), want_grad)
+    return -per_token.sum(), count_targets(labels)

@@ -22,51 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from panda.plugins.methods.lm_loss import CHUNK_ELEMENTS, IGNORE_INDEX, next_token_targets
-
-
-def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16 cannot hold the small probabilities before the loss scale multiplies them.
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-class ChunkedTokenLogProbs(torch.autograd.Function):
-    """``log softmax(logits)[target]`` per row of 2-D logits (0 where the target is -100)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int,
-                want_grad: bool) -> torch.Tensor:
-        compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp64 stays fp64
-        grad = (torch.empty(logits.shape, dtype=_gradient_dtype(logits.dtype),
-                            device=logits.device) if want_grad else None)
-        valid = targets != IGNORE_INDEX
-        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # -100 -> class 0, masked
-        picked_all = torch.empty(logits.size(0), dtype=compute_dtype, device=logits.device)
-        for start in range(0, logits.size(0), rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            log_probs = torch.log_softmax(logits[rows], dim=1, dtype=compute_dtype)
-            picked = log_probs.gather(1, safe_targets[rows]).squeeze(1)
-            picked_all[rows] = picked
-            if want_grad:
-                # d log softmax[target] / d logits = onehot(target) - softmax. Stored negated
-                # (softmax - onehot, the cross-entropy gradient); backward flips the sign.
-                # The target column is computed in full precision: p - 1 cancels badly once
-                # rounded.
-                torch.exp(log_probs, out=grad[rows])
-                grad[rows].scatter_(1, safe_targets[rows],
-                                    (picked.exp() - 1).unsqueeze(1).to(grad.dtype))
-        if want_grad:
-            ctx.save_for_backward(grad, valid)
-        return torch.where(valid, picked_all, 0.0).float()
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad, valid = ctx.saved_tensors
-        # In place: the buffer becomes the logits' gradient without a second copy; rows
-        # without a target get 0 in the same pass.
-        row_scale = -(valid.to(grad.dtype) * grad_output.to(grad.dtype))
-        grad.mul_(row_scale.unsqueeze(1))
-        return grad, None, None, None
+from panda.plugins.methods.lm_loss import (CHUNK_ELEMENTS, IGNORE_INDEX, ChunkedTokenLogProbs,
+                                           next_token_targets)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor,
