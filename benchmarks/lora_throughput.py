@@ -17,7 +17,10 @@ one after the other in one process on the same random token batches:
 
 Each variant reports tokens/s (timed after warm-up steps, device synchronised)
 and the peak GPU memory of training (the loaded model included; the load's own
-transient peak is not); then panda / baseline for speed and memory.
+transient peak is not); then panda / baseline for speed and memory. With
+``--rounds 2`` (the default on a GPU) each pair runs twice, in the order
+baseline-panda then panda-baseline, and the figures are the means: a GPU that
+warms up or down over the run then favours neither side.
 
     python benchmarks/lora_throughput.py          # a GPU host with peft and bitsandbytes
     python benchmarks/lora_throughput.py --tiny   # any CPU: proves the harness (LoRA only)
@@ -180,6 +183,7 @@ def synchronize(device: str) -> None:
 
 def measure(name: str, make_step: Callable, folder: Path, batches: list[dict],
             args: argparse.Namespace, device: str, quant: bool) -> dict[str, Any]:
+    """One variant, built from the checkpoint and timed over ``args.steps`` steps."""
     import torch
 
     gc.collect()
@@ -237,24 +241,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--no-qlora", action="store_true", help="skip the 4-bit variants")
+    parser.add_argument("--rounds", type=int, default=None, help="times each pair runs, the "
+                        "order reversed every other round (default: 2 on a GPU, 1 with --tiny)")
     parser.add_argument("--results", type=Path, default=None,
                         help=f"append the JSON line here (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset, args.seq, args.micro_batch = "tiny-llama", 64, 2
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    if args.rounds is None:
+        args.rounds = 1 if args.tiny else 2
     return args
 
 
-def variants(device: str, no_qlora: bool) -> list[tuple[str, Callable, bool]]:
-    chosen = [("hf+peft lora", hf_peft_step, False), ("panda lora", panda_step, False)]
+def variants(device: str, no_qlora: bool, rounds: int) -> list[tuple[str, Callable, bool]]:
+    """The runs in order: each (baseline, panda) pair ``rounds`` times, reversed every
+    other round."""
+    pairs = [[("hf+peft lora", hf_peft_step, False), ("panda lora", panda_step, False)]]
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if device.startswith("cuda") and have_bnb and not no_qlora:
-        chosen += [("hf+peft qlora", hf_peft_step, True), ("panda qlora", panda_step, True)]
+        pairs.append([("hf+peft qlora", hf_peft_step, True), ("panda qlora", panda_step, True)])
     elif not no_qlora:
         print("skipping the QLoRA variants: they need a CUDA GPU and bitsandbytes",
               file=sys.stderr)
-    return chosen
+    return [run for pair in pairs for round_ in range(rounds)
+            for run in (pair if round_ % 2 == 0 else pair[::-1])]
+
+
+def mean_by_variant(runs: list[dict]) -> list[dict]:
+    """One result per variant: the rounds' mean speed, their largest peak, every round kept."""
+    merged: dict[str, dict] = {}
+    for run in runs:
+        merged.setdefault(run["variant"], {**run, "rounds": []})["rounds"].append(run)
+    for result in merged.values():
+        rounds = result["rounds"]
+        result["tokens_per_s"] = sum(r["tokens_per_s"] for r in rounds) / len(rounds)
+        result["step_s"] = sum(r["step_s"] for r in rounds) / len(rounds)
+        if "peak_mem_gb" in result:
+            result["peak_mem_gb"] = max(r["peak_mem_gb"] for r in rounds)
+        result["rounds"] = [{k: r[k] for k in ("tokens_per_s", "peak_mem_gb") if k in r}
+                            for r in rounds]
+    return list(merged.values())
 
 
 def ratios_of(results: list[dict]) -> dict[str, float]:
@@ -280,14 +307,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device == "cpu" and not args.tiny:
         sys.exit("no CUDA GPU here: run with --tiny to check the harness on a CPU")
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    results = []
+    runs = []
     with tempfile.TemporaryDirectory(prefix="panda-lora-bench-") as tmp:
         folder = Path(tmp)
         vocab = save_checkpoint(args.preset, folder, device, dtype)
         batches = random_batches(args.warmup + args.steps, args.micro_batch, args.seq, vocab)
-        for name, make_step, quant in variants(device, args.no_qlora):
-            results.append(measure(name, make_step, folder, batches, args, device, quant))
-            print(format_result(results[-1]), flush=True)
+        for name, make_step, quant in variants(device, args.no_qlora, args.rounds):
+            runs.append(measure(name, make_step, folder, batches, args, device, quant))
+            print(format_result(runs[-1]), flush=True)
+    results = mean_by_variant(runs)
     ratios = ratios_of(results)
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
@@ -300,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "target_modules": "all-linear", "gradient_checkpointing": True,
                            "quant": "nf4, double quant, bf16 compute",
                            "precision": "bf16" if device != "cpu" else "fp32",
-                           "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny},
+                           "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                           "tiny": args.tiny},
               "results": results, "ratios": ratios}
     target = args.results or (None if args.tiny else RESULTS)
     if target is not None:
