@@ -66,6 +66,7 @@ class TorchBackend(TrainBackend):
     # DDP averages gradients over ranks; a backend that does so sets this to the
     # world size so the loss it backpropagates is scaled back to a plain sum.
     averages_gradients_over_ranks = False
+    _in_train_mode = False  # see enter_train_mode
 
     # -- the lifecycle --------------------------------------------------------------------
     def init_distributed(self) -> DistInfo:
@@ -133,7 +134,7 @@ class TorchBackend(TrainBackend):
 
         from panda.data.batches import token_slots
 
-        self.model.train()
+        self.enter_train_mode()
         # Units are counted before the forward pass, on the host: no device sync, and every
         # rank learns the step's total before its first backward.
         local_units = sum(int(self.method.units(batch)) for batch in micro_batches)
@@ -219,11 +220,23 @@ class TorchBackend(TrainBackend):
                 if hasattr(value, "to") and not key.startswith("_") else value
                 for key, value in batch.items()}
 
+    def enter_train_mode(self) -> None:
+        """``model.train()``, only when this backend put the model in eval mode (or never set
+        it): the walk over every module costs milliseconds of host time on a LoRA model
+        (thousands of modules), time a GPU step that waits on its host pays in full."""
+        if not self._in_train_mode:
+            self.model.train()
+            self._in_train_mode = True
+
+    def enter_eval_mode(self, module: Any = None) -> None:
+        (self.model if module is None else module).eval()
+        self._in_train_mode = False
+
     # -- evaluation -----------------------------------------------------------------------
     def eval_step(self, batch: dict[str, Any]) -> tuple[float, int]:
         import torch
 
-        self.model.eval()
+        self.enter_eval_mode()
         with torch.no_grad(), self.precision.autocast():
             summed, count, _ = self.method.loss(self.model, self.to_device(batch))
         return float(summed), int(count)

@@ -163,7 +163,7 @@ class Fairscale(Ddp):
         # Every rank holds all the weights: evaluate the bare model. Through the wrapper,
         # eval mode reads as a change of trainable parameters, and ShardedDataParallel would
         # rebuild its gradient hooks (and warn) at every switch between eval and train.
-        self.unwrapped.eval()
+        self.enter_eval_mode(self.unwrapped)
         with torch.no_grad(), self.precision.autocast():
             summed, count, _ = self.method.loss(self.unwrapped, self.to_device(batch))
         return float(summed), int(count)
