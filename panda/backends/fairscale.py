@@ -168,6 +168,16 @@ class Fairscale(Ddp):
             summed, count, _ = self.method.loss(self.unwrapped, self.to_device(batch))
         return float(summed), int(count)
 
+    def close(self) -> None:
+        super().close()
+        # FairScale FSDP keeps its process groups in a cache on a function; once the default
+        # group is destroyed they are dead, and a second run in this process (a notebook, a
+        # test session) would hang on them. The next run must build fresh ones.
+        from fairscale.internal.parallel import get_process_group_cached
+
+        if hasattr(get_process_group_cached, "_global_group_cache"):
+            del get_process_group_cached._global_group_cache
+
     # -- state ----------------------------------------------------------------------------
     def save(self, path: str) -> None:
         if self.options.mode == "oss":

@@ -71,11 +71,19 @@ def _worker(rank: int, nproc: int, port: int, data: dict, resume: str) -> None:
 
 
 def _train(data: dict, resume: str) -> None:
+    """Train with the stand-in data and the export probe; both are undone afterwards, since
+    a one-process run happens inside the test process (later tests need the real ones)."""
     register_standins()
-    panda.job.build_data = standin_build_data(64)
     backend = registry.get("backend", data["backend"]["name"])
+    original_build_data, original_export = panda.job.build_data, backend.export
+    panda.job.build_data = standin_build_data(64)
     _probe_before_export(backend)
-    panda.job.train(recipe_io.validate(data), resume=resume)
+    try:
+        panda.job.train(recipe_io.validate(data), resume=resume)
+    finally:
+        panda.job.build_data = original_build_data
+        backend.export = original_export
+        backend._probed = False
 
 
 def _probe_before_export(backend_class: type) -> None:

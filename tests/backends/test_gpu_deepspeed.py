@@ -4,7 +4,7 @@
   train the Llama-3.2-1B shape (random init, bf16, seq 512, AdamW) for a few steps next to
   the ``single`` backend: the loss falls on a repeated batch; tokens/s and peak GPU memory
   are printed (run with -s) and appended to benchmarks/results.jsonl.
-* ZeRO-3 with CPU offload trains a ~5B-parameter Llama shape whose full fine-tuning state
+* ZeRO-3 with CPU offload trains a ~5.5B-parameter Llama shape whose full fine-tuning state
   (bf16 weights and gradients, fp32 master weights, AdamW moments: 16 bytes a parameter)
   cannot fit in one GPU's memory without offload; the figures are printed and recorded.
   It needs about 100 GB of host RAM (fp32 master weights, gradients and AdamW moments of
@@ -49,8 +49,10 @@ CONFIGS = {
     "deepspeed-zero3+cpu-offload": {"name": "deepspeed", "zero_stage": 3,
                                     "offload_optimizer": "cpu", "offload_params": "cpu"},
 }
-# Llama-shaped, 5.1B parameters: 16 bytes each without offload is ~82 GB, over an H100's 80.
-LARGE_SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 24,
+# Llama-shaped, 5.5B parameters: 16 bytes each without offload is 82 GiB, over an H100's 79
+# (24 layers, 5.1B, would need 76 GiB: it fits, and the test would skip). With offload the host
+# holds ~18 bytes a parameter, ~100 GB of a 128 GiB GPU host.
+LARGE_SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 26,
                "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                "max_position_embeddings": 4096, "tie_word_embeddings": False}
 BYTES_PER_PARAMETER = 2 + 2 + 4 + 8  # bf16 weight + bf16 grad + fp32 master + AdamW moments
