@@ -9,7 +9,8 @@ import torch
 from align_helpers import pair_batch, random_pairs, tiny_llama
 from panda.plugins.methods.preference import (keeps_logits_by_mask, labelled_row_logps,
                                               stacked_pairs)
-from panda.plugins.methods.token_logps import ChunkedTokenLogProbs, row_logps, token_logps
+from panda.plugins.methods.lm_loss import ChunkedTokenLogProbs
+from panda.plugins.methods.token_logps import row_logps, token_logps
 
 
 def test_chunked_logps_equal_log_softmax_in_float64_and_refuse_a_second_backward():

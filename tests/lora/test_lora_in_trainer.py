@@ -168,5 +168,8 @@ def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path):
     first = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     second = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
     assert first.keys() == second.keys()
+    # One process folds the frozen LM head into the loss ((softmax - onehot) @ W, then the
+    # per-token scale); ZeRO-3's partitioned head cannot be folded (scale, then @ W): the
+    # same gradient summed in another order, a few fp32 ulps apart after the steps.
     for key in first:
-        torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=3e-5)

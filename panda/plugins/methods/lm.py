@@ -52,12 +52,14 @@ class CausalLm(MethodPlugin):
     def loss(self, model: "torch.nn.Module", batch: dict[str, Any]
              ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]:
         from panda.data.batches import model_inputs  # adds use_cache=False: packing needs it
+        from panda.plugins.methods.lm_head import folded_head
         from panda.plugins.methods.lm_loss import causal_lm_loss_sum
 
         noise_context = self._neftune.for_batch(batch) if self._neftune else nullcontext()
-        with noise_context:
-            logits = model(**model_inputs(batch)).logits
-        total, count = causal_lm_loss_sum(logits, batch["labels"])
+        # A frozen head (LoRA, QLoRA) is folded into the loss: no (tokens, vocab) logits.
+        with noise_context, folded_head(model) as head:
+            outputs = model(**model_inputs(batch)).logits
+        total, count = causal_lm_loss_sum(outputs, batch["labels"], head=head)
         return total, count, {}
 
 

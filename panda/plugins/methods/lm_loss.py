@@ -26,6 +26,14 @@ One kernel, ``ChunkedTokenLogProbs``, serves both this loss (minus the sum of th
 targets' log-probs) and the preference methods' per-row log-probs
 (:mod:`panda.plugins.methods.token_logps`).
 
+With a frozen LM head (LoRA, QLoRA, a reference forward) the kernel can also take the
+final hidden states and the head's weight instead of logits
+(:mod:`panda.plugins.methods.lm_head`): each chunk's logits are projected, used and
+dropped, and the saved gradient is the hidden states' ``(softmax - onehot) @ W``, a
+(tokens, hidden) tensor instead of a (tokens, vocab) one. The FLOPs are the plain
+head's (its input-gradient matmul moves from backward into forward); the (tokens,
+vocab) logits and their gradient never exist.
+
 The saved gradient is scaled in place, so a graph holding this loss can be
 backpropagated once (a second ``backward`` raises instead of silently reusing it).
 """
@@ -58,17 +66,23 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
     """``log softmax(logits)[target]`` per row of 2-D logits (0 where the target is -100)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int,
-                want_grad: bool) -> torch.Tensor:
-        compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp64 stays fp64
-        grad = (torch.empty(logits.shape, dtype=_gradient_dtype(logits.dtype),
-                            device=logits.device) if want_grad else None)
+    def forward(ctx, inputs: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int,
+                want_grad: bool, head: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs``: [N, vocab] logits, or with ``head`` ([vocab, hidden], frozen) the
+        [N, hidden] states whose logits are ``inputs @ head.T`` (autocast applies)."""
+        if head is not None and head.requires_grad:
+            raise ValueError("the folded LM head must be frozen: its gradient is not computed")
+        compute_dtype = torch.promote_types(inputs.dtype, torch.float32)  # fp64 stays fp64
+        grad = (torch.empty(inputs.shape, dtype=_gradient_dtype(inputs.dtype),
+                            device=inputs.device) if want_grad else None)
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # -100 -> class 0, masked
-        picked_all = torch.empty(logits.size(0), dtype=compute_dtype, device=logits.device)
-        for start in range(0, logits.size(0), rows_per_chunk):
+        picked_all = torch.empty(inputs.size(0), dtype=compute_dtype, device=inputs.device)
+        for start in range(0, inputs.size(0), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            log_probs = torch.log_softmax(logits[rows], dim=1, dtype=compute_dtype)
+            logits = inputs[rows] if head is None else _project(inputs[rows], head)
+            log_probs = torch.log_softmax(logits, dim=1, dtype=compute_dtype)
+            del logits
             picked = log_probs.gather(1, safe_targets[rows]).squeeze(1)
             picked_all[rows] = picked
             if want_grad:
@@ -76,9 +90,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 # (softmax - onehot, the cross-entropy gradient); backward flips the sign.
                 # The target column is computed in full precision: p - 1 cancels badly once
                 # rounded.
-                torch.exp(log_probs, out=grad[rows])
-                grad[rows].scatter_(1, safe_targets[rows],
-                                    (picked.exp() - 1).unsqueeze(1).to(grad.dtype))
+                logits_grad = torch.exp(log_probs, out=grad[rows] if head is None else None)
+                logits_grad.scatter_(1, safe_targets[rows],
+                                     (picked.exp() - 1).unsqueeze(1).to(logits_grad.dtype))
+                if head is not None:  # the states' gradient: through the head, now
+                    grad[rows] = _project_back(logits_grad, head)
         if want_grad:
             ctx.save_for_backward(grad, valid)
         return torch.where(valid, picked_all, 0.0).float()
@@ -90,20 +106,45 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         # without a target get 0 in the same pass.
         row_scale = -(valid.to(grad.dtype) * grad_output.to(grad.dtype))
         grad.mul_(row_scale.unsqueeze(1))
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def _project(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The head's logits for ``states``, as ``nn.Linear`` computes them (autocast applies;
+    without it, the states take the head's dtype)."""
+    if not torch.is_autocast_enabled(states.device.type):
+        states = states.to(head.dtype)
+    return F.linear(states, head)
+
+
+def _project_back(logits_grad: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """``logits_grad @ head``: the states' gradient, in the dtype the head's backward uses."""
+    if not torch.is_autocast_enabled(logits_grad.device.type):
+        logits_grad = logits_grad.to(head.dtype)
+    return torch.matmul(logits_grad, head)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk_elements: int = CHUNK_ELEMENTS, head: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token cross entropy in fp32, number of target tokens).
 
-    ``logits``: (batch, seq, vocab) in any float dtype; ``labels``: (batch, seq),
-    unshifted, ``-100`` = no loss.
+    ``logits``: (batch, seq, vocab) in any float dtype, or with ``head`` (a frozen LM
+    head's [vocab, hidden] weight) the (batch, seq, hidden) final states; ``labels``:
+    (batch, seq), unshifted, ``-100`` = no loss.
     """
-    vocab = logits.size(-1)
     flat_targets = next_token_targets(labels).reshape(-1)
-    # Evaluation (no_grad) skips the gradient buffer entirely.
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    per_token = ChunkedTokenLogProbs.apply(logits.reshape(-1, vocab), flat_targets,
-                                           max(1, chunk_elements // vocab), want_grad)
+    per_token = chunked_token_logps(logits.reshape(-1, logits.size(-1)), flat_targets,
+                                    chunk_elements, head)
     return -per_token.sum(), count_targets(labels)
+
+
+def chunked_token_logps(inputs: torch.Tensor, targets: torch.Tensor, chunk_elements: int,
+                        head: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] fp32 log-probs of ``targets`` (0 where -100) from [N, vocab] logits, or from
+    [N, hidden] states and a frozen ``head``; about ``chunk_elements`` logits at a time."""
+    vocab = inputs.size(-1) if head is None else head.size(0)
+    # Evaluation (no_grad) skips the gradient buffer entirely.
+    want_grad = torch.is_grad_enabled() and inputs.requires_grad
+    return ChunkedTokenLogProbs.apply(inputs, targets, max(1, chunk_elements // vocab),
+                                      want_grad, head)

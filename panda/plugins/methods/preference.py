@@ -58,14 +58,21 @@ def labelled_row_logps(model: Any, input_ids: "torch.Tensor", labels: "torch.Ten
     model can be asked to (transformers' ``logits_to_keep`` with a boolean [rows, T]
     mask returns their logits flattened, [N, V]): the prompt and the padding then
     cost no LM-head projection and no logits, which for long prompts and a large
-    vocabulary is most of the logits' memory. Other models return all logits.
+    vocabulary is most of the logits' memory. Other models return all logits. A frozen
+    head is folded into the log-prob kernel (:mod:`panda.plugins.methods.lm_head`), so
+    even the kept positions' logits exist only a chunk at a time.
     """
+    from panda.plugins.methods.lm_head import folded_head
     from panda.plugins.methods.token_logps import kept_row_logps, predicting_positions, row_logps
 
     if not keeps_logits_by_mask(model):
-        return row_logps(forward_logits(model, input_ids), labels)
+        with folded_head(model) as head:
+            outputs = forward_logits(model, input_ids)
+        return row_logps(outputs, labels, head=head)
     kept = predicting_positions(labels)
-    return kept_row_logps(forward_logits(model, input_ids, logits_to_keep=kept), labels, kept)
+    with folded_head(model) as head:
+        outputs = forward_logits(model, input_ids, logits_to_keep=kept)
+    return kept_row_logps(outputs, labels, kept, head=head)
 
 
 _KEEPS_BY_MASK: dict[type, bool] = {}

@@ -22,28 +22,29 @@ from __future__ import annotations
 
 import torch
 
-from panda.plugins.methods.lm_loss import (CHUNK_ELEMENTS, IGNORE_INDEX, ChunkedTokenLogProbs,
+from panda.plugins.methods.lm_loss import (CHUNK_ELEMENTS, IGNORE_INDEX, chunked_token_logps,
                                            next_token_targets)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                chunk_elements: int = CHUNK_ELEMENTS, head: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """(rows, seq) fp32 log-probs: entry ``t`` is ``log p(labels[:, t + 1])``, 0 where unlabelled.
 
-    ``logits``: (rows, seq, vocab) in any float dtype; ``labels``: (rows, seq), unshifted.
+    ``logits``: (rows, seq, vocab) in any float dtype (or, with a frozen ``head``, the
+    (rows, seq, hidden) final states); ``labels``: (rows, seq), unshifted.
     """
-    rows, seq, vocab = logits.shape
+    rows, seq, width = logits.shape
     targets = next_token_targets(labels).reshape(-1)
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    per_token = ChunkedTokenLogProbs.apply(logits.reshape(-1, vocab), targets,
-                                           max(1, chunk_elements // vocab), want_grad)
-    return per_token.view(rows, seq)
+    return chunked_token_logps(logits.reshape(-1, width), targets, chunk_elements,
+                               head).view(rows, seq)
 
 
 def row_logps(logits: torch.Tensor, labels: torch.Tensor,
-              chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk_elements: int = CHUNK_ELEMENTS, head: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row sum of labelled tokens' log-probs in fp32, per-row count of those tokens)."""
-    per_token = token_logps(logits, labels, chunk_elements)
+    per_token = token_logps(logits, labels, chunk_elements, head)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
     return per_token.sum(dim=1), counts
 
@@ -54,13 +55,13 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def kept_row_logps(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor,
-                   chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_elements: int = CHUNK_ELEMENTS, head: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``row_logps`` from the logits of the ``kept`` positions only ([N, vocab], row-major,
-    N = kept.sum()), as ``model(..., logits_to_keep=kept)`` returns them."""
+    N = kept.sum()), as ``model(..., logits_to_keep=kept)`` returns them (or their final
+    states, [N, hidden], with a frozen ``head``)."""
     targets = next_token_targets(labels)[kept]
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    per_token = ChunkedTokenLogProbs.apply(logits, targets,
-                                           max(1, chunk_elements // logits.size(-1)), want_grad)
+    per_token = chunked_token_logps(logits, targets, chunk_elements, head)
     row_of_token = kept.nonzero()[:, 0]
     sums = torch.zeros(kept.size(0), dtype=per_token.dtype, device=per_token.device)
     return sums.index_add(0, row_of_token, per_token), kept.sum(dim=1)
