@@ -134,10 +134,28 @@ class DecoderLayerPipe(nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids = inputs
         mask = self.make_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                              cache=None, position_ids=position_ids)
+                              position_ids=position_ids, **_NO_CACHE[self.make_mask])
         hidden = self.layer(hidden, attention_mask=mask, position_ids=position_ids,
                             position_embeddings=self.rotary(hidden, position_ids))
         return hidden, position_ids
+
+
+def _no_cache_arguments(make_mask: Callable[..., Any]) -> dict[str, None]:
+    """The mask builders' "no KV cache" arguments: ``cache`` in newer transformers 5
+    releases, ``past_key_values`` (and ``cache_position``) in earlier ones."""
+    import inspect
+
+    names = inspect.signature(make_mask).parameters
+    return {name: None for name in ("cache", "past_key_values", "cache_position") if name in names}
+
+
+class _NoCacheArguments(dict):
+    def __missing__(self, make_mask: Callable[..., Any]) -> dict[str, None]:
+        self[make_mask] = _no_cache_arguments(make_mask)
+        return self[make_mask]
+
+
+_NO_CACHE = _NoCacheArguments()
 
 
 def _mask_function(config: Any, index: int) -> Callable[..., Any]:
@@ -213,7 +231,7 @@ def local_layers(module: Any, stage: int, with_tied_copy: bool = True
 def initialise_layer(layer: nn.Module, index: int, config: Any, seed: int) -> None:
     """Random weights for a preset, as Hugging Face initialises them, seeded per layer so any
     partition into stages gives the same model."""
-    generator = torch.Generator().manual_seed(seed * 100003 + index)
+    generator = torch.Generator().manual_seed(int(seed) * 100003 + int(index))
     std = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():
         for sub in layer.modules():
