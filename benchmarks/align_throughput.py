@@ -22,9 +22,6 @@ elsewhere; --tiny writes nowhere unless --results is given).
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import random
 import sys
 import tempfile
@@ -33,8 +30,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
+                          pick_device, reset_memory, synchronize, utc_now, versions)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -71,28 +69,6 @@ def synthetic_pairs(tokenizer: Any, count: int, seq: int, seed: int = 0) -> list
 
     return [{"prompt": text(0.45 * seq), "chosen": " " + text(0.75 * seq),
              "rejected": " " + text(0.75 * seq)} for _ in range(count)]
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def reset_memory(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gb(device: str) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 # -- TRL --------------------------------------------------------------------------------------
@@ -251,20 +227,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-    import transformers
+    import importlib.util
 
-    import panda
     from panda.models import tiny_tokenizer
     from panda.train.metrics import device_name
 
     args = parse_args(argv)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        sys.exit("no CUDA GPU here: run with --tiny to check the harness on a CPU")
-    try:
-        import trl
-    except ImportError:
+    device = pick_device(args.tiny)
+    if importlib.util.find_spec("trl") is None:
         sys.exit("this benchmark compares against TRL: pip install trl")
     tokenizer = tiny_tokenizer.load()  # ids < 512: any vocabulary size takes them
     pairs = synthetic_pairs(tokenizer, args.pairs * (args.warmup + args.steps), args.seq)
@@ -278,20 +248,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     record = {"benchmark": "align_throughput",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(device),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "trl": trl.__version__, "panda": panda.__version__},
+              "date": utc_now(), "device": device_name(device),
+              "versions": versions("trl", "peft"),
               "settings": {"preset": args.preset, "seq": args.seq, "pairs": args.pairs,
                            "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
                            "method": "dpo sigmoid, beta 0.1, reference = adapter off",
                            "precision": "bf16" if device != "cpu" else "fp32",
                            "checkpointing": True, "tiny": args.tiny},
               "results": [trl_result, panda_result], "ratios": ratios}
-    target = args.results or (None if args.tiny else RESULTS)
-    if target is not None:
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+    append_record(record, args.results, args.tiny)
     return record
 
 

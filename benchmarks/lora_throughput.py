@@ -32,11 +32,8 @@ elsewhere; --tiny writes nowhere unless --results is given).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.util
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -44,8 +41,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
+                          pick_device, reset_memory, synchronize, utc_now, versions)
 LR, MAX_GRAD_NORM = 1e-4, 1.0
 
 
@@ -174,27 +172,14 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(name: str, make_step: Callable, folder: Path, batches: list[dict],
             args: argparse.Namespace, device: str, quant: bool) -> dict[str, Any]:
     """One variant, built from the checkpoint and timed over ``args.steps`` steps."""
-    import torch
-
-    gc.collect()
-    on_gpu = device.startswith("cuda")
-    if on_gpu:
-        torch.cuda.empty_cache()
+    reset_memory(device)
     started = time.perf_counter()
     step = make_step(folder, args, device, quant)
     load_s = time.perf_counter() - started
-    if on_gpu:  # the training peak: the model is resident, the load's transient is not
-        torch.cuda.reset_peak_memory_stats()
+    reset_memory(device)  # the training peak: the model is resident, the load's transient is not
     trainable = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
     losses = [float(step(batch)) for batch in batches[:args.warmup]]
     synchronize(device)
@@ -206,28 +191,11 @@ def measure(name: str, make_step: Callable, folder: Path, batches: list[dict],
     result = {"variant": name, "tokens_per_s": tokens / elapsed, "step_s": elapsed / args.steps,
               "load_s": load_s, "trainable_parameters": trainable,
               "first_loss": losses[0], "last_loss": float(losses[-1])}
-    if on_gpu:
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if device.startswith("cuda"):
+        result["peak_mem_gb"] = peak_memory_gb(device)
     del step
     gc.collect()
     return result
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    import panda
-
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "cuda": str(torch.version.cuda), "transformers": transformers.__version__,
-             "peft": peft.__version__, "panda": panda.__version__}
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes
-
-        found["bitsandbytes"] = bitsandbytes.__version__
-    return found
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,9 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from panda.train.metrics import device_name
 
     args = parse_args(argv)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        sys.exit("no CUDA GPU here: run with --tiny to check the harness on a CPU")
+    device = pick_device(args.tiny)
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     runs = []
     with tempfile.TemporaryDirectory(prefix="panda-lora-bench-") as tmp:
@@ -320,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     record = {"benchmark": "lora_throughput",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(device), "versions": versions(),
+              "date": utc_now(), "device": device_name(device),
+              "versions": versions("peft", "bitsandbytes"),
               "settings": {"preset": args.preset, "seq": args.seq,
                            "micro_batch": args.micro_batch, "lora_r": args.lora_r,
                            "lora_alpha": 2 * args.lora_r, "lora_dropout": 0.05,
@@ -331,10 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                            "tiny": args.tiny},
               "results": results, "ratios": ratios}
-    target = args.results or (None if args.tiny else RESULTS)
-    if target is not None:
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+    append_record(record, args.results, args.tiny)
     return record
 
 

@@ -22,17 +22,15 @@ unless --results is given).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (ROOT, RESULTS, append_record, pick_device, reset_memory,  # noqa: E402
+                          synchronize, utc_now, versions)
 
 
 def build_model(preset: str, device: str, seed: int = 0):
@@ -116,23 +114,13 @@ def panda_step(model, device: str, compile: bool) -> Callable[[dict], float]:
 
 # -- measuring ----------------------------------------------------------------------------
 
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(name: str, make_step: Callable, args: argparse.Namespace, device: str,
             peak: float | None) -> dict[str, Any]:
     import torch
 
     from panda.train.metrics import flops_per_token
 
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_memory(device)
     model = build_model(args.preset, device)
     per_token = flops_per_token(model, args.seq)
     step = make_step(model, device, args.compile_variant)
@@ -161,17 +149,6 @@ def measure(name: str, make_step: Callable, args: argparse.Namespace, device: st
     return result
 
 
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import panda
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda": str(torch.version.cuda), "transformers": transformers.__version__,
-            "panda": panda.__version__}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny-llama, short sequences, "
@@ -195,14 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-
     from panda.train.metrics import device_name, peak_tflops
 
     args = parse_args(argv)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        sys.exit("no CUDA GPU here: run with --tiny to check the harness on a CPU")
+    device = pick_device(args.tiny)
     name = device_name(device)
     peak = peak_tflops(name, "bf16", args.peak_tflops)
     variants = [("hf", plain_hf_step, False), ("panda", panda_step, False)]
@@ -223,18 +196,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     record = {"benchmark": "train_throughput",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": name, "peak_tflops": peak, "versions": versions(),
+              "date": utc_now(), "device": name, "peak_tflops": peak, "versions": versions(),
               "settings": {"preset": args.preset, "seq": args.seq,
                            "micro_batch": args.micro_batch, "steps": args.steps,
                            "warmup": args.warmup, "precision": "bf16 autocast, fp32 master",
                            "optimizer": "AdamW (fused on CUDA)", "attention": "sdpa",
                            "max_grad_norm": 1.0, "tiny": args.tiny},
               "results": results, "ratios": ratios}
-    target = args.results or (None if args.tiny else RESULTS)
-    if target is not None:
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+    append_record(record, args.results, args.tiny)
     return record
 
 
