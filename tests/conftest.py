@@ -13,6 +13,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
+def load_benchmark():
+    """A script of benchmarks/ imported by name (they are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
 def run_panda():
     """Run the real `panda` CLI in a subprocess; returns CompletedProcess (text)."""
 

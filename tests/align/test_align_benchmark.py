@@ -4,23 +4,15 @@ record is appended."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_tiny_run_compares_like_with_like(tmp_path, monkeypatch):
+def test_tiny_run_compares_like_with_like(tmp_path, monkeypatch, load_benchmark):
     pytest.importorskip("trl", reason="the benchmark compares against TRL")
     monkeypatch.chdir(tmp_path)  # TRL may write next to the working directory
-    spec = importlib.util.spec_from_file_location("align_throughput",
-                                                  ROOT / "benchmarks" / "align_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("align_throughput")
     results = tmp_path / "results.jsonl"
     record = bench.main(["--tiny", "--steps", "2", "--results", str(results)])
     assert json.loads(results.read_text()) == record

@@ -4,20 +4,12 @@ adapters start at zero), and a complete JSON record is appended."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_tiny_run_compares_like_with_like(tmp_path):
-    spec = importlib.util.spec_from_file_location("lora_throughput",
-                                                  ROOT / "benchmarks" / "lora_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_tiny_run_compares_like_with_like(tmp_path, load_benchmark):
+    bench = load_benchmark("lora_throughput")
     results = tmp_path / "results.jsonl"
     record = bench.main(["--tiny", "--steps", "2", "--results", str(results)])
     assert json.loads(results.read_text()) == record

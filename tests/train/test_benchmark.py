@@ -3,20 +3,12 @@ same model and batches give the same losses), and appends a complete JSON record
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_tiny_run_writes_a_comparable_record(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_throughput",
-                                                  ROOT / "benchmarks" / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_tiny_run_writes_a_comparable_record(tmp_path, load_benchmark):
+    bench = load_benchmark("train_throughput")
     results = tmp_path / "results.jsonl"
     record = bench.main(["--tiny", "--results", str(results)])
     assert json.loads(results.read_text()) == record
