@@ -13,6 +13,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
+def train_metrics(run_panda):
+    """Run ``panda train RECIPE [ARGS]`` in a subprocess (it must succeed) and return the
+    step records of ``metrics_dir``/metrics.jsonl that carry throughput."""
+    import json
+
+    def train(recipe: Path, metrics_dir: Path, *args: str, timeout: float = 900) -> list[dict]:
+        done = run_panda("train", str(recipe), *args, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        lines = (Path(metrics_dir) / "metrics.jsonl").read_text().splitlines()
+        return [step for step in map(json.loads, lines) if "tokens_per_s" in step]
+
+    return train
+
+
+@pytest.fixture
+def record_gpu_result():
+    """Append one GPU measurement, with the device and versions, to benchmarks/results.jsonl."""
+    import json
+    import platform
+    import time
+    from importlib import metadata
+
+    def record(benchmark: str, entry: dict) -> None:
+        import torch
+        import transformers
+
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "python": platform.python_version()}
+        for package in ("deepspeed", "peft", "bitsandbytes"):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                pass
+        line = {"benchmark": benchmark, "device": torch.cuda.get_device_name(), **versions,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
+        with open(ROOT / "benchmarks" / "results.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    return record
+
+
+@pytest.fixture
 def load_benchmark():
     """A script of benchmarks/ imported by name (they are scripts, not a package)."""
     import importlib.util

@@ -2,7 +2,7 @@
 
 * Every configuration trains the Llama-3.2-1B shape (random init, bf16, seq 512) for a few
   steps: the loss must fall on a repeated batch; tokens/s and peak memory are printed
-  (run with -s to see them) next to the single-GPU backend's.
+  (run with -s to see them) and appended to benchmarks/results.jsonl.
 * FairScale's FSDP mode, which cannot run on the CPU, gets the checks the CPU tests give
   the other backends, on the tiny Llama in fp32: the same losses as ``single``, exact
   resume from its own checkpoint, and an export that computes the trained model's logits.
@@ -86,7 +86,7 @@ def token_batch(vocab: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_llama32_1b_trains_on_one_gpu(name, tmp_path):
+def test_llama32_1b_trains_on_one_gpu(name, tmp_path, record_gpu_result):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = llama_1b()
@@ -109,6 +109,10 @@ def test_llama32_1b_trains_on_one_gpu(name, tmp_path):
     print(f"\n[gpu-backends] {name:18s} llama3.2-1b bf16 seq {SEQ} micro-batch {MICRO_BATCH} x "
           f"{ACCUMULATION}: {tokens / seconds:,.0f} tokens/s, peak {peak_gb:.1f} GiB, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({torch.cuda.get_device_name()})")
+    record_gpu_result("gpu_backends", {
+        "config": name, "model": "llama3.2-1b", "seq": SEQ, "micro_batch": MICRO_BATCH,
+        "accumulation": ACCUMULATION, "tokens_per_s": round(tokens / seconds),
+        "peak_gpu_gib": round(peak_gb, 2), "first_loss": losses[0], "last_loss": losses[-1]})
     assert all(loss == loss for loss in losses)  # finite
     assert losses[-1] < losses[0] - 0.5  # one batch over and over: it must be learned
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -38,8 +36,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                  reason="needs DeepSpeed: pip install 'pandallm[deepspeed]'")]
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
 SEQ, MICRO_BATCH, ACCUMULATION = 512, 4, 2
 WARMUP_STEPS, TIMED_STEPS = 3, 5
 CONFIGS = {
@@ -113,20 +109,8 @@ def timed_steps(job: Any, batch: dict, accumulation: int, warmup: int, timed: in
     return losses, time.perf_counter() - start
 
 
-def record(entry: dict[str, Any]) -> None:
-    import deepspeed
-    import transformers
-
-    entry = {"benchmark": "gpu_deepspeed", "device": torch.cuda.get_device_name(),
-             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-             "transformers": transformers.__version__, "python": platform.python_version(),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
-    with open(RESULTS, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_llama32_1b_trains_on_one_gpu(name, tmp_path):
+def test_llama32_1b_trains_on_one_gpu(name, tmp_path, record_gpu_result):
     gc.collect()  # the previous configuration's engine and model
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -143,15 +127,16 @@ def test_llama32_1b_trains_on_one_gpu(name, tmp_path):
     print(f"\n[gpu-deepspeed] {name:28s} llama3.2-1b bf16 seq {SEQ} micro-batch {MICRO_BATCH} "
           f"x {ACCUMULATION}: {tokens_per_s:,.0f} tokens/s, peak {peak_gb:.1f} GiB, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({torch.cuda.get_device_name()})")
-    record({"config": name, "model": "llama3.2-1b", "seq": SEQ, "micro_batch": MICRO_BATCH,
-            "accumulation": ACCUMULATION, "tokens_per_s": round(tokens_per_s),
-            "peak_gpu_gib": round(peak_gb, 2), "first_loss": losses[0],
-            "last_loss": losses[-1]})
+    record_gpu_result("gpu_deepspeed", {
+        "config": name, "model": "llama3.2-1b", "seq": SEQ, "micro_batch": MICRO_BATCH,
+        "accumulation": ACCUMULATION, "tokens_per_s": round(tokens_per_s),
+        "peak_gpu_gib": round(peak_gb, 2), "first_loss": losses[0], "last_loss": losses[-1]})
     assert all(loss == loss for loss in losses)  # finite
     assert losses[-1] < losses[0] - 0.5  # one batch over and over: it must be learned
 
 
-def test_zero3_cpu_offload_trains_a_model_that_does_not_fit_without_it(tmp_path):
+def test_zero3_cpu_offload_trains_a_model_that_does_not_fit_without_it(tmp_path,
+                                                                      record_gpu_result):
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     gc.collect()
     torch.cuda.empty_cache()
@@ -176,9 +161,10 @@ def test_zero3_cpu_offload_trains_a_model_that_does_not_fit_without_it(tmp_path)
           f"{needed_gib:.0f} GiB of training state without offload > {total_gib:.0f} GiB of GPU; "
           f"with offload peak GPU {peak_gb:.1f} GiB, peak host RSS {host_gb:.0f} GiB, "
           f"{2 * SEQ / seconds:,.0f} tokens/s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    record({"config": "deepspeed-zero3+cpu-offload-large", "parameters": parameters,
-            "state_without_offload_gib": round(needed_gib, 1), "gpu_total_gib": round(total_gib),
-            "peak_gpu_gib": round(peak_gb, 2), "peak_host_rss_gib": round(host_gb, 1),
-            "tokens_per_s": round(2 * SEQ / seconds), "seq": SEQ, "micro_batch": 1})
+    record_gpu_result("gpu_deepspeed", {
+        "config": "deepspeed-zero3+cpu-offload-large", "parameters": parameters,
+        "state_without_offload_gib": round(needed_gib, 1), "gpu_total_gib": round(total_gib),
+        "peak_gpu_gib": round(peak_gb, 2), "peak_host_rss_gib": round(host_gb, 1),
+        "tokens_per_s": round(2 * SEQ / seconds), "seq": SEQ, "micro_batch": 1})
     assert all(loss == loss for loss in losses)
     assert peak_gb < total_gib

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,30 +53,20 @@ def recipe(tmp: Path, backend: dict) -> Path:
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_panda_train_runs_the_backend_on_one_gpu(name, tmp_path):
+def test_panda_train_runs_the_backend_on_one_gpu(name, tmp_path, train_metrics,
+                                                 record_gpu_result):
     if name == "ds-pipeline" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("needs DeepSpeed: pip install 'pandallm[deepspeed]'")
-    command = [sys.executable, "-m", "panda", "train", str(recipe(tmp_path, BACKENDS[name])),
-               "--nproc", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    steps = [json.loads(line) for line in
-             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if "tokens_per_s" in s]
+    steps = train_metrics(recipe(tmp_path, BACKENDS[name]), tmp_path / "run", "--nproc", "1")
     tokens_per_s = sorted(s["tokens_per_s"] for s in steps[1:])[len(steps[1:]) // 2]  # median
     peak = max(s["peak_mem_gb"] for s in steps)
     print(f"\n[gpu-panda-train] {name:12s} llama3.2-1b bf16 seq 512 micro-batch 4 x 2: "
           f"{tokens_per_s:,.0f} tokens/s (median after step 1), peak {peak:.1f} GiB, "
           f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} "
           f"({torch.cuda.get_device_name()})")
-    import transformers
-
-    with open(ROOT / "benchmarks" / "results.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({
-            "benchmark": "gpu_panda_train", "config": name, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "model": "llama3.2-1b", "seq": 512, "micro_batch": 4, "accumulation": 2,
-            "steps": STEPS, "tokens_per_s": round(tokens_per_s), "peak_gpu_gib": round(peak, 2),
-            "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}) + "\n")
+    record_gpu_result("gpu_panda_train", {
+        "config": name, "model": "llama3.2-1b", "seq": 512, "micro_batch": 4,
+        "accumulation": 2, "steps": STEPS, "tokens_per_s": round(tokens_per_s),
+        "peak_gpu_gib": round(peak, 2), "first_loss": steps[0]["loss"],
+        "last_loss": steps[-1]["loss"]})
     assert steps[-1]["loss"] < steps[0]["loss"]

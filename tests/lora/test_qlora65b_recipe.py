@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -70,36 +67,23 @@ def test_the_measurement_recipe_validates(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="needs bitsandbytes: pip install 'pandallm[quant]'")
-def test_llama65b_qlora_recipe_trains_on_one_gpu(tmp_path):
+def test_llama65b_qlora_recipe_trains_on_one_gpu(tmp_path, train_metrics, record_gpu_result):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    recipe = measurement_recipe(tmp_path)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "panda", "train", str(recipe)],
-                          capture_output=True, text=True)
+    steps = train_metrics(measurement_recipe(tmp_path), tmp_path / "run")
     wall = time.perf_counter() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    steps = [json.loads(line) for line in
-             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if "tokens_per_s" in s]
     last = steps[-1]
     peak = max(s["peak_mem_gb"] for s in steps)
     print(f"\n[llama65b-qlora] {torch.cuda.get_device_name()}: {STEPS} steps x {ACCUMULATION} "
           f"micro-batches of 2048 tokens, {last['tokens_per_s']:,.0f} tok/s (last step), "
           f"peak {peak:.1f} GiB, loss {steps[0]['loss']:.3f} -> {last['loss']:.3f}, "
           f"panda train wall {wall:.0f} s")
-    import transformers
-
-    with open(ROOT / "benchmarks" / "results.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({
-            "benchmark": "llama65b_qlora_recipe", "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "settings": "recipes/llama65b-qlora.toml with model.preset=llama-65b (vocab 32000, "
-                        f"random init), {STEPS} steps x {ACCUMULATION} micro-batches",
-            "tokens_per_s": round(last["tokens_per_s"]), "peak_mem_gib": round(peak, 2),
-            "first_loss": steps[0]["loss"], "last_loss": last["loss"],
-            "wall_s": round(wall)}) + "\n")
+    record_gpu_result("llama65b_qlora_recipe", {
+        "settings": "recipes/llama65b-qlora.toml with model.preset=llama-65b (vocab 32000, "
+                    f"random init), {STEPS} steps x {ACCUMULATION} micro-batches",
+        "tokens_per_s": round(last["tokens_per_s"]), "peak_mem_gib": round(peak, 2),
+        "first_loss": steps[0]["loss"], "last_loss": last["loss"], "wall_s": round(wall)})
     assert peak < torch.cuda.get_device_properties(0).total_memory / 2**30
