@@ -10,7 +10,8 @@ one after the other in one process on the same random token batches:
   the peft examples.
 * ``panda lora``: the same recipe through panda (the ``hf`` model plugin loading
   ``model.path``, ``panda.adapters.apply_lora``, the ``sft`` method and the
-  ``single`` backend's real ``train_step``).
+  ``single`` backend's real ``train_step``, whose numbers are read on the host one
+  step later, as ``panda train``'s loop reads them).
 * ``hf+peft qlora`` / ``panda qlora``: the same with the base loaded in 4-bit NF4
   with double quantization and bf16 compute; the baseline runs peft's
   ``prepare_model_for_kbit_training``, panda its ``[quant]`` path.
@@ -135,6 +136,7 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
     from panda.adapters import apply_lora
     from panda.backends.base import DistInfo
     from panda.job import Job
+    from panda.plugins.api import step_values_on_host
 
     on_gpu = device.startswith("cuda")
     data = {
@@ -163,8 +165,16 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
               total_steps=10**6)
     backend.setup(job)
 
+    pending: list[dict] = []
+
     def step(batch: dict) -> float:
-        return backend.train_step([batch])["loss"]
+        # As panda's loop does: queue this step, then read the previous step's numbers
+        # (the loss, the norm, the non-finite flag) on the host.
+        values = backend.train_step([batch])
+        if pending:
+            step_values_on_host(pending.pop())
+        pending.append(values)
+        return values["loss"]
 
     step.model = backend.model
     return step

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from panda.errors import PandaError
-from panda.plugins.api import TrainBackend
+from panda.plugins.api import TrainBackend, step_values_on_host
 
 ENGINE_STATE = "engine_state.pt"  # optimizer, schedule and loss scaler
 MODEL_WEIGHTS = "model.safetensors"
@@ -161,18 +161,29 @@ class TorchBackend(TrainBackend):
         result = self.optimizer_step(loss, skip=units == 0)
         result.update(units=units, tokens=tokens)
         result.update(self._mean_over_ranks(
-            {k: float(v) / len(micro_batches) for k, v in extra.items()}))
+            {k: v / len(micro_batches) for k, v in extra.items()}))
         return result
 
-    def optimizer_step(self, loss: Any, skip: bool = False) -> dict[str, float]:
+    def optimizer_step(self, loss: Any, skip: bool = False) -> dict[str, Any]:
         """Unscale, clip, step (unless something is not finite), advance the schedule.
 
-        ``loss`` (a float, or a device tensor) and the gradient norm reach the host in
-        one synchronisation: the only one of the step on one process.
+        ``loss`` is a float or a 0-d device tensor. Where the optimizer can skip a
+        non-finite update on the device (torch's fused kernels), nothing waits here: the
+        numbers come back as device tensors and the loop reads them once the next step is
+        queued. Otherwise ``loss`` and the gradient norm reach the host in one
+        synchronisation, before the optimizer decides.
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        loss, grad_norm = _to_host(loss, self.clip_gradients())
+        grad_norm = self.clip_gradients()
+        if not skip and self._skips_on_device(grad_norm):
+            nonfinite = self._step_unless_nonfinite(loss, grad_norm)
+            lr = float(self.scheduler.get_last_lr()[0])
+            self.zero_grad()
+            self.scheduler.step()
+            return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
+        fetched = step_values_on_host({"loss": loss, "grad_norm": grad_norm})
+        loss, grad_norm = fetched["loss"], fetched["grad_norm"]
         lr = float(self.scheduler.get_last_lr()[0])
         loss_finite = math.isfinite(loss)
         if self.scaler is not None:
@@ -190,6 +201,36 @@ class TorchBackend(TrainBackend):
         self.scheduler.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": float(nonfinite)}
 
+    def _skips_on_device(self, grad_norm: Any) -> bool:
+        """Whether this step can leave the non-finite check to the optimizer's kernel: one
+        process (with several, the units' all-reduce syncs each step anyway), no fp16 loss
+        scaler (it owns ``found_inf``), a plain tensor norm, and an optimizer that honours
+        ``found_inf`` (torch's fused Adam, AdamW and SGD: the protocol GradScaler uses)."""
+        import torch
+
+        return (self.dist.world_size == 1 and self.scaler is None
+                and type(grad_norm) is torch.Tensor
+                and getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def _step_unless_nonfinite(self, loss: Any, grad_norm: Any) -> Any:
+        """``optimizer.step()`` that the kernel itself skips, parameters, moments and step
+        count alike, when the loss or the norm is not finite; returns that flag (0-d, 1.0 =
+        skipped) without waiting for it."""
+        import torch
+
+        finite = torch.isfinite(grad_norm.detach())
+        if isinstance(loss, torch.Tensor):
+            finite = finite & torch.isfinite(loss.detach().to(finite.device))
+        else:
+            finite = finite & math.isfinite(loss)
+        nonfinite = (~finite).to(torch.float32)
+        self.optimizer.found_inf = nonfinite
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        return nonfinite
+
     def zero_grad(self) -> None:
         """Drop the step's gradients (a wrapper that keeps them in buckets zeroes them there)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,11 +247,13 @@ class TorchBackend(TrainBackend):
         grads = [p.grad for p in self.trainable if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        if not metrics:
-            return {}
+    def _mean_over_ranks(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics averaged over ranks; on one process they stay as they are (tensors
+        included: the loop fetches them with the step's other numbers)."""
+        if not metrics or self.dist.world_size == 1:
+            return metrics
         keys = sorted(metrics)
-        summed = self.all_reduce_sum([metrics[k] for k in keys])
+        summed = self.all_reduce_sum([float(metrics[k]) for k in keys])
         return {k: v / self.dist.world_size for k, v in zip(keys, summed)}
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -281,22 +324,6 @@ class TorchBackend(TrainBackend):
                 if self.config_use_cache:
                     config.use_cache = False
         self.barrier()
-
-
-def _to_host(*values: Any) -> list[float]:
-    """Scalars (floats or 0-d tensors) as floats, with one device sync for the tensors."""
-    import torch
-
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return [float(v) for v in values]
-    device = tensors[0].device
-    try:
-        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in tensors])
-    except (RuntimeError, TypeError):  # e.g. a sharded (DTensor) norm: fetch one by one
-        return [float(v) for v in values]
-    fetched = iter(stacked.tolist())
-    return [next(fetched) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _floating_dtype(model: Any) -> Any:

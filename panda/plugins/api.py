@@ -307,11 +307,19 @@ class TrainBackend(Plugin):
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over this rank's ``micro_batches``.
 
-        Returns floats that are equal on every rank: ``loss`` (normalised over
+        Returns numbers that are equal on every rank: ``loss`` (normalised over
         the step's units), ``grad_norm`` (before clipping), ``lr`` (used by
-        this step), ``units`` and ``tokens`` (totals over ranks), and
+        this step), ``units`` and ``tokens`` (totals over ranks, ints), and
         ``nonfinite`` (1.0 when the loss or gradients were not finite and the
-        update was skipped; a loss-scale overflow in fp16 is not counted).
+        update was skipped; a loss-scale overflow in fp16 is not counted), plus
+        any metrics of the method.
+
+        Each may be a float or a 0-d tensor still being computed on the device
+        (``units`` and ``tokens`` excepted): the loop reads tensors with
+        :func:`step_values_on_host` only after it has queued the next step, so
+        the device never idles while the host waits on a number. A backend that
+        returns tensors must therefore not need the host to know them before the
+        update (e.g. it skips a non-finite update on the device).
         """
         raise NotImplementedError
 
@@ -344,6 +352,23 @@ class TrainBackend(Plugin):
 
     def close(self) -> None:
         """Leave the process group and free what ``setup`` built."""
+
+
+def step_values_on_host(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every tensor replaced by its float, fetched in one device sync."""
+    import torch
+
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return dict(values)
+    try:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64)
+                               for v in tensors.values()])
+        fetched = dict(zip(tensors, stacked.tolist()))
+    except (RuntimeError, TypeError):  # e.g. a sharded (DTensor) norm: one by one
+        fetched = {k: float(v) for k, v in tensors.items()}
+    return {k: fetched.get(k, v) for k, v in values.items()}
 
 
 class InferBackend(Plugin):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from panda.errors import EXIT_FAILURE, PandaError
+from panda.plugins.api import step_values_on_host
 from panda.train.checkpoint import Checkpointer
 from panda.train.metrics import MetricsLogger, Throughput, peak_memory_gb
 
@@ -86,6 +87,10 @@ class Trainer:
         self.train = job.recipe.train
         self.state = TrainState()
         self._batches: Iterator[dict[str, Any]] | None = None
+        # The queued step whose numbers the host has not read yet:
+        # (step, tokens seen, epoch, values)
+        self._pending: tuple[int, int, int, dict[str, Any]] | None = None
+        self._history: list[dict[str, Any]] = []
 
     def resume(self, checkpoint: str | Path) -> None:
         """Load a checkpoint: engine, data position, RNG (restored last), counters."""
@@ -121,69 +126,90 @@ class Trainer:
     def fit(self) -> FitResult:
         total = self.job.total_steps
         result = FitResult(self.state)
+        self._history = result.history
         last_saved = self.state.step if self.state.step else None
         save_due = False
         with StopSignals() as stop:
             while self.state.step < total:
-                values = self.one_step()
-                result.history.append(values)
+                self.one_step()
                 step = self.state.step
-                if self.train.eval_every and step % self.train.eval_every == 0:
+                eval_due = bool(self.train.eval_every and step % self.train.eval_every == 0)
+                stopping = self._agreed_stop(stop.requested)
+                save_due = save_due or bool(self.train.save_every and
+                                            step % self.train.save_every == 0)
+                if eval_due or stopping or save_due:
+                    self.finish_pending()  # what follows needs this step's numbers
+                if eval_due:
                     self.evaluate()
-                if self._agreed_stop(stop.requested):
+                if stopping:
                     result.checkpoint = self.save()
                     result.interrupted = True
                     return result
-                save_due = save_due or bool(self.train.save_every and
-                                            step % self.train.save_every == 0)
                 # Not in the middle of a non-finite streak: a run that diverges stops
                 # with its last good checkpoint as the newest one.
                 if save_due and not self.state.nonfinite_streak:
                     result.checkpoint = self.save()
                     last_saved, save_due = step, False
+            self.finish_pending()
             if self.train.eval_every and self.state.step % self.train.eval_every:
                 self.evaluate()
             if last_saved != self.state.step:
                 result.checkpoint = self.save()
         return result
 
-    def one_step(self) -> dict[str, float]:
+    def one_step(self) -> None:
+        """Queue one optimizer step, then account for the step before it.
+
+        A backend may return the step's numbers as device tensors still being
+        computed (see ``TrainBackend.train_step``). Reading them at once would leave
+        the device idle while the host prepares the next step; reading the previous
+        step's numbers after this one is queued costs no wait at all.
+        """
         from panda.data.batches import sequence_length
 
         micro_batches = self.next_micro_batches(self.train.gradient_accumulation_steps)
+        epoch = self.state.epoch  # the epoch these batches came from
         values = self.backend.train_step(micro_batches)
+        self.finish_pending()
         self.state.step += 1
-        step = self.state.step
         self.state.tokens_seen += int(values["tokens"])
-        seq_len = sequence_length(micro_batches[0])
-        self.throughput.add(int(values["tokens"]), seq_len)
-        self._track_nonfinite(values)
+        self.throughput.add(int(values["tokens"]), sequence_length(micro_batches[0]))
+        self._pending = (self.state.step, self.state.tokens_seen, epoch, values)
+
+    def finish_pending(self) -> None:
+        """Read, check and log the queued step's numbers (if any) on the host."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, tokens_seen, epoch, values = pending
+        values = step_values_on_host(values)
+        self._track_nonfinite(step, values)
         self.state.last_loss = values["loss"]
         logged = None
         if step % self.train.log_every == 0 or step == self.job.total_steps or step == 1:
             logged = {"loss": values["loss"], "grad_norm": values["grad_norm"],
                       "lr": values["lr"], **self.throughput.report(),
                       "peak_mem_gb": peak_memory_gb(self.job.dist.device),
-                      "tokens_seen": self.state.tokens_seen, "epoch": self.state.epoch,
+                      "tokens_seen": tokens_seen, "epoch": epoch,
                       **{k: v for k, v in values.items() if k not in _STEP_KEYS}}
             if self.state.nonfinite_steps:
                 logged["nonfinite_steps"] = self.state.nonfinite_steps
         self.metrics.step(step, logged)
-        return {"step": step, **values}
+        self._history.append({"step": step, **values})
 
-    def _track_nonfinite(self, values: dict[str, float]) -> None:
+    def _track_nonfinite(self, step: int, values: dict[str, float]) -> None:
         if not values.get("nonfinite"):
             self.state.nonfinite_streak = 0
             return
         self.state.nonfinite_steps += 1
         self.state.nonfinite_streak += 1
-        self.metrics.message(f"step {self.state.step}: loss or gradients not finite "
+        self.metrics.message(f"step {step}: loss or gradients not finite "
                              f"(loss {values['loss']}, grad norm {values['grad_norm']}); "
                              "update skipped")
         if self.state.nonfinite_streak >= NONFINITE_LIMIT:
             raise TrainingDiverged(
                 f"the loss was not finite for {NONFINITE_LIMIT} steps in a row (up to step "
-                f"{self.state.step}); stopped without saving",
+                f"{step}); stopped without saving",
                 hint="lower optim.lr, set optim.max_grad_norm, or use precision bf16 instead "
                 "of fp16; resume from the last checkpoint with --resume auto")
 

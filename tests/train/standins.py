@@ -63,6 +63,7 @@ class StandinModel(ModelPlugin):
 
 class SgdOptions(Options):
     momentum: float = 0.0
+    fused: bool = False  # torch's fused kernel: it skips a non-finite update on the device
 
 
 class StandinSgd(OptimizerPlugin):
@@ -71,7 +72,8 @@ class StandinSgd(OptimizerPlugin):
     Options = SgdOptions
 
     def build(self, param_groups, lr):
-        return torch.optim.SGD(param_groups, lr=lr, momentum=self.options.momentum)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=self.options.momentum,
+                               fused=self.options.fused or None)
 
 
 class StandinConstant(SchedulerPlugin):

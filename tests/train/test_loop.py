@@ -25,8 +25,17 @@ def standins(monkeypatch):
     monkeypatch.setattr(panda.job, "build_data", standin_build_data(64))
 
 
-def recipe(tmp_path, **train):
-    return recipe_io.validate(standin_recipe_data(str(tmp_path / "run"), **train))
+def recipe(tmp_path, fused=False, momentum=0.0, **train):
+    data = standin_recipe_data(str(tmp_path / "run"), **train)
+    # fused: the update is skipped on the device, no host wait
+    data["optim"].update(fused=fused, momentum=momentum)
+    return recipe_io.validate(data)
+
+
+# Both ways a step can skip a non-finite update: the host reads the loss and norm first
+# (any optimizer), or torch's fused kernel skips it on the device (found_inf) and the loop
+# reads the numbers one step later.
+skip_on = pytest.mark.parametrize("fused", [False, True], ids=["host-check", "device-skip"])
 
 
 def read_metrics(run_dir):
@@ -58,9 +67,10 @@ def plain_losses(steps, batch_size, accumulation, lr=0.05, clip=1.0):
     return losses, model
 
 
-def test_losses_equal_a_plain_loop_across_epochs(tmp_path):
+@skip_on
+def test_losses_equal_a_plain_loop_across_epochs(tmp_path, fused):
     # 64 sequences / batch 4 = 16 micro-batches per epoch; 10 steps x 2 = 20: two epochs
-    result = panda.job.train(recipe(tmp_path, per_device_batch_size=4,
+    result = panda.job.train(recipe(tmp_path, fused, per_device_batch_size=4,
                                     gradient_accumulation_steps=2, max_steps=10, save_every=4,
                                     keep_last=2))
     expected, model = plain_losses(10, 4, 2)
@@ -103,10 +113,12 @@ class FlakyLm(StandinLm):
         return total, count, extra
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+@skip_on
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, fused):
     panda.registry.register("method", "standin-lm", FlakyLm)
     FlakyLm.bad_steps = {3, 4}
-    result = panda.job.train(recipe(tmp_path, gradient_accumulation_steps=1, max_steps=6))
+    result = panda.job.train(recipe(tmp_path, fused, gradient_accumulation_steps=1,
+                                    max_steps=6))
     assert result["nonfinite_steps"] == 2
     history = {h["step"]: h for h in result["history"]}
     assert math.isnan(history[3]["loss"]) and history[3]["nonfinite"] == 1.0
@@ -120,15 +132,57 @@ def tiny_llama_loaded(tmp_path):
     return load_file(tmp_path / "run" / "final" / "model.safetensors")
 
 
-def test_a_run_of_nonfinite_steps_stops_without_saving(tmp_path):
+@skip_on
+def test_a_run_of_nonfinite_steps_stops_without_saving(tmp_path, fused):
     panda.registry.register("method", "standin-lm", FlakyLm)
     FlakyLm.bad_steps = set(range(4, 100))
-    with pytest.raises(TrainingDiverged, match="not finite for 5 steps in a row"):
-        panda.job.train(recipe(tmp_path, gradient_accumulation_steps=1, max_steps=20,
-                               save_every=2))
+    with pytest.raises(TrainingDiverged, match=r"5 steps in a row \(up to step 8\)"):
+        panda.job.train(recipe(tmp_path, fused, gradient_accumulation_steps=1, max_steps=20,
+                                save_every=2))
     kept = [p.name for p in complete_checkpoints(tmp_path / "run")]
     assert kept == ["step-00000002"]  # step 4's save never happened: the update was NaN
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_device_skip_equals_the_host_check(tmp_path):
+    panda.registry.register("method", "standin-lm", FlakyLm)
+    runs = {}
+    for fused in (False, True):
+        FlakyLm.bad_steps = {2, 5}
+        result = panda.job.train(recipe(tmp_path / str(fused), fused, momentum=0.9,
+                                        gradient_accumulation_steps=1, max_steps=7))
+        runs[fused] = (result["history"], tiny_llama_loaded(tmp_path / str(fused)))
+    (host_history, host_weights), (device_history, device_weights) = runs[False], runs[True]
+    assert [h["nonfinite"] for h in device_history] == [0, 1, 0, 0, 1, 0, 0]
+    for host, device in zip(host_history, device_history):
+        assert device["loss"] == pytest.approx(host["loss"], rel=1e-6, nan_ok=True)
+    for name, value in host_weights.items():
+        torch.testing.assert_close(device_weights[name], value, rtol=1e-6, atol=1e-7)
+
+
+@skip_on
+def test_the_loop_reads_a_step_once_the_next_one_is_queued(tmp_path, monkeypatch, fused):
+    import panda.backends.base
+    import panda.train.loop
+
+    queued, reads = [], []
+    train_step = panda.backends.base.TorchBackend.train_step
+    read = panda.train.loop.step_values_on_host
+
+    def counting_train_step(self, micro_batches):
+        queued.append(1)
+        return train_step(self, micro_batches)
+
+    def recording_read(values):
+        reads.append((len(queued), isinstance(values["loss"], torch.Tensor)))
+        return read(values)
+
+    monkeypatch.setattr(panda.backends.base.TorchBackend, "train_step", counting_train_step)
+    monkeypatch.setattr(panda.train.loop, "step_values_on_host", recording_read)
+    panda.job.train(recipe(tmp_path, fused, max_steps=4, save_every=3))
+    # Step k is read after step k + 1 was queued, except where a save (step 3) or the
+    # end needs it at once; only the fused optimizer's steps come back as tensors.
+    assert reads == [(2, fused), (3, fused), (3, fused), (4, fused)]
 
 
 def test_non_empty_output_dir_is_refused_without_overwrite(tmp_path):
