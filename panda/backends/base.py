@@ -67,6 +67,10 @@ class TorchBackend(TrainBackend):
     # world size so the loss it backpropagates is scaled back to a plain sum.
     averages_gradients_over_ranks = False
     _in_train_mode = False  # see enter_train_mode
+    # Whether the optimizer this backend steps is the one it built, so that a fused torch
+    # optimizer's found_inf can skip a non-finite update (see _skips_on_device). Off where a
+    # wrapper stands between them (FairScale's OSS) or the parameters are shards (FSDP).
+    optimizer_is_plain = False
 
     # -- the lifecycle --------------------------------------------------------------------
     def init_distributed(self) -> DistInfo:
@@ -208,7 +212,7 @@ class TorchBackend(TrainBackend):
         ``found_inf`` (torch's fused Adam, AdamW and SGD: the protocol GradScaler uses)."""
         import torch
 
-        return (self.dist.world_size == 1 and self.scaler is None
+        return (self.optimizer_is_plain and self.dist.world_size == 1 and self.scaler is None
                 and type(grad_norm) is torch.Tensor
                 and getattr(self.optimizer, "_step_supports_amp_scaling", False))
 

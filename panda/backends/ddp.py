@@ -31,6 +31,7 @@ class Ddp(TorchBackend):
     Options = DdpOptions
     # DDP divides the summed gradients by the world size; train_step undoes that.
     averages_gradients_over_ranks = True
+    optimizer_is_plain = True
 
     def init_distributed(self) -> DistInfo:
         import torch

@@ -47,6 +47,7 @@ class Fairscale(Ddp):
     Options = FairscaleOptions
     # ShardedDataParallel and FairScale's FSDP both average gradients over ranks.
     averages_gradients_over_ranks = True
+    optimizer_is_plain = False  # OSS wraps the optimizer; FairScale FSDP flattens shards
 
     @classmethod
     def check_recipe(cls, options: FairscaleOptions, recipe: Any) -> None:

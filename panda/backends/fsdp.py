@@ -55,6 +55,7 @@ class Fsdp(Ddp):
     Options = FsdpOptions
     # FSDP2's reduce-scatter averages gradients over ranks, like DDP; train_step undoes it.
     averages_gradients_over_ranks = True
+    optimizer_is_plain = False  # its parameters are DTensor shards
 
     @classmethod
     def check_recipe(cls, options: FsdpOptions, recipe: Any) -> None:

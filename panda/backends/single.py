@@ -7,3 +7,5 @@ from panda.backends.base import TorchBackend
 
 class Single(TorchBackend):
     """One process, one device (CPU, or the first GPU)."""
+
+    optimizer_is_plain = True
