@@ -32,7 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
-                          pick_device, reset_memory, synchronize, utc_now, versions)
+                          pick_device, read_like_the_loop, reset_memory, synchronize, utc_now,
+                          versions)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -190,17 +191,18 @@ def run_panda(args: argparse.Namespace, device: str, token_ids: list[dict]) -> d
               total_steps=10**6)
     backend.setup(job)
     batches = pair_batches(token_ids, args)[:args.warmup + args.steps]
-    losses = [backend.train_step([batch])["loss"] for batch in batches[:args.warmup]]
+    step = read_like_the_loop(backend.train_step)
+    losses = [float(step(batch)) for batch in batches[:args.warmup]]
     synchronize(device)
     started = time.perf_counter()
-    losses += [backend.train_step([batch])["loss"] for batch in batches[args.warmup:]]
+    losses += [step(batch) for batch in batches[args.warmup:]]
     synchronize(device)
     elapsed = time.perf_counter() - started
     tokens = sum(int((b[f"{s}_input_ids"] != 0).sum()) for b in batches[args.warmup:]
                  for s in ("chosen", "rejected"))
     result = {"variant": "panda", "tokens_per_s": tokens / elapsed,
               "step_s": elapsed / args.steps, "peak_mem_gb": peak_memory_gb(device),
-              "mean_loss": sum(losses) / len(losses)}
+              "mean_loss": sum(float(loss) for loss in losses) / len(losses)}
     del job, backend, model
     return result
 

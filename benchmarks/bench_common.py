@@ -73,6 +73,24 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def read_like_the_loop(train_step: Any) -> Any:
+    """A one-batch step for panda's ``backend.train_step`` that reads each step's numbers
+    on the host after the next step is queued, as ``panda train``'s loop does (see
+    docs/training.md); it returns the loss, a float or a device tensor."""
+    from panda.plugins.api import step_values_on_host
+
+    pending: list[dict[str, Any]] = []
+
+    def step(batch: dict[str, Any]) -> Any:
+        values = train_step([batch])
+        if pending:
+            step_values_on_host(pending.pop())
+        pending.append(values)
+        return values["loss"]
+
+    return step
+
+
 def append_record(record: dict[str, Any], results: Path | None, tiny: bool) -> None:
     """One JSON line to ``results``, or to benchmarks/results.jsonl for a real (not --tiny) run."""
     target = results or (None if tiny else RESULTS)

@@ -44,7 +44,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
-                          pick_device, reset_memory, synchronize, utc_now, versions)
+                          pick_device, read_like_the_loop, reset_memory, synchronize, utc_now,
+                          versions)
 LR, MAX_GRAD_NORM = 1e-4, 1.0
 
 
@@ -136,7 +137,6 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
     from panda.adapters import apply_lora
     from panda.backends.base import DistInfo
     from panda.job import Job
-    from panda.plugins.api import step_values_on_host
 
     on_gpu = device.startswith("cuda")
     data = {
@@ -165,17 +165,7 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
               total_steps=10**6)
     backend.setup(job)
 
-    pending: list[dict] = []
-
-    def step(batch: dict) -> float:
-        # As panda's loop does: queue this step, then read the previous step's numbers
-        # (the loss, the norm, the non-finite flag) on the host.
-        values = backend.train_step([batch])
-        if pending:
-            step_values_on_host(pending.pop())
-        pending.append(values)
-        return values["loss"]
-
+    step = read_like_the_loop(backend.train_step)
     step.model = backend.model
     return step
 

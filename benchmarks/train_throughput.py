@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, RESULTS, append_record, pick_device, reset_memory,  # noqa: E402
-                          synchronize, utc_now, versions)
+from bench_common import (ROOT, RESULTS, append_record, pick_device,  # noqa: E402
+                          read_like_the_loop, reset_memory, synchronize, utc_now, versions)
 
 
 def build_model(preset: str, device: str, seed: int = 0):
@@ -106,10 +106,7 @@ def panda_step(model, device: str, compile: bool) -> Callable[[dict], float]:
               total_steps=10**6)
     backend.setup(job)
 
-    def step(batch: dict) -> float:
-        return backend.train_step([batch])["loss"]
-
-    return step
+    return read_like_the_loop(backend.train_step)
 
 
 # -- measuring ----------------------------------------------------------------------------

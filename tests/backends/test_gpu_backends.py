@@ -23,7 +23,7 @@ import torch
 from distributed_runs import PROBE, exported_logits
 from panda import registry
 from standins import (StandinConstant, StandinLm, collate, random_sequences, register_standins,
-                      standin_recipe_data, tiny_llama)
+                      standin_recipe_data, step_loss, tiny_llama)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -94,12 +94,12 @@ def test_llama32_1b_trains_on_one_gpu(name, tmp_path, record_gpu_result):
                   accumulation=ACCUMULATION, lr=1e-4, compile=name in COMPILED)
     batch = token_batch(model.config.vocab_size)
     try:
-        losses = [job.backend.train_step([batch] * ACCUMULATION)["loss"]
+        losses = [step_loss(job.backend, [batch] * ACCUMULATION)
                   for _ in range(WARMUP_STEPS)]
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(TIMED_STEPS):
-            losses.append(job.backend.train_step([batch] * ACCUMULATION)["loss"])
+            losses.append(step_loss(job.backend, [batch] * ACCUMULATION))
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     finally:
@@ -131,7 +131,7 @@ def step_batches(step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def train(job: Any, steps: range) -> list[float]:
-    return [job.backend.train_step(step_batches(step))["loss"] for step in steps]
+    return [step_loss(job.backend, step_batches(step)) for step in steps]
 
 
 def trained_logits(job: Any) -> torch.Tensor:

@@ -83,6 +83,13 @@ class StandinConstant(SchedulerPlugin):
         return min(1.0, (step + 1) / (warmup_steps + 1))
 
 
+def step_loss(backend: Any, micro_batches: list[dict]) -> float:
+    """One ``train_step``; its loss on the host (a backend may return a device tensor)."""
+    from panda.plugins.api import step_values_on_host
+
+    return step_values_on_host(backend.train_step(micro_batches))["loss"]
+
+
 def register_standins() -> None:
     registry.register("method", "standin-lm", StandinLm)
     registry.register("model", "standin-tiny", StandinModel)

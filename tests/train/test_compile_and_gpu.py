@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from panda import registry
-from standins import backend_job, collate, random_sequences, tiny_llama
+from standins import backend_job, collate, random_sequences, step_loss, tiny_llama
 
 BATCH = collate(random_sequences(4, seed=5))
 
@@ -42,7 +42,7 @@ def test_bf16_on_gpu_uses_fused_adamw_and_fp32_masters(tmp_path):
     assert job.dist.device.startswith("cuda")
     assert job.backend.optimizer.defaults.get("fused") is True
     assert all(p.dtype == torch.float32 and p.is_cuda for p in job.backend.trainable)
-    losses = [job.backend.train_step([BATCH])["loss"] for _ in range(10)]
+    losses = [step_loss(job.backend, [BATCH]) for _ in range(10)]
     assert losses[-1] < losses[0]
 
 
@@ -53,7 +53,7 @@ def test_compiled_training_follows_eager_on_gpu(tmp_path):
     for compile in (False, True):
         job = backend_job(str(tmp_path / str(compile)), "single", batch_size=4, accumulation=2,
                           compile=compile)
-        curves.append([job.backend.train_step([BATCH, BATCH])["loss"] for _ in range(5)])
+        curves.append([step_loss(job.backend, [BATCH, BATCH]) for _ in range(5)])
     assert curves[1] == pytest.approx(curves[0], rel=1e-3)
 
 
@@ -66,8 +66,8 @@ def test_ddp_over_nccl_runs_on_one_gpu(tmp_path, monkeypatch):
     torch_dist = __import__("torch.distributed", fromlist=["get_backend"])
     assert torch_dist.get_backend() == "nccl"
     for _ in range(3):
-        a = job.backend.train_step([BATCH, BATCH])["loss"]
-        b = single.backend.train_step([BATCH, BATCH])["loss"]
+        a = step_loss(job.backend, [BATCH, BATCH])
+        b = step_loss(single.backend, [BATCH, BATCH])
         assert a == pytest.approx(b, rel=1e-4)
     job.backend.close()
 
