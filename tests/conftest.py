@@ -41,7 +41,7 @@ def record_gpu_result():
 
         versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                     "python": platform.python_version()}
-        for package in ("deepspeed", "peft", "bitsandbytes"):
+        for package in ("deepspeed", "peft", "bitsandbytes", "fairscale", "trl"):
             try:
                 versions[package] = metadata.version(package)
             except metadata.PackageNotFoundError:
