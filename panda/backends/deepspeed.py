@@ -34,7 +34,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -42,6 +42,8 @@ from panda.backends.base import DistInfo, default_device, env_world_size
 from panda.errors import PandaError, require
 from panda.plugins.api import Options, TrainBackend
 from panda.recipe_schema import InvalidKey
+
+log = logging.getLogger(__name__)
 
 ENGINE_DIR = "deepspeed"  # engine.save_checkpoint's folder inside a panda checkpoint
 ENGINE_TAG = "state"      # its tag: <checkpoint>/deepspeed/state/...
@@ -66,6 +68,14 @@ class DeepSpeedOptions(Options):
     cpu_adam: bool = Field(True, description="With offload_optimizer and optim.name = "
                            "'adamw', step with DeepSpeedCPUAdam (same AdamW, vectorised "
                            "C++, JIT-built on first use); false keeps torch's AdamW.")
+    zero_init: Union[Literal["auto"], bool] = Field(
+        "auto", description="ZeRO-3: build the model already partitioned over the ranks "
+        "(deepspeed.zero.Init, through transformers), so each rank's memory holds its share "
+        "of the weights, not the whole model. 'auto': for a checkpoint (model.path), unless "
+        "the method keeps a frozen full copy of the weights (dpo without [lora] or "
+        "precompute_ref); a preset is then built whole, so its random weights equal those of "
+        "every other backend for the same run.seed. true: always (a preset gets another "
+        "random draw); false: every rank builds the whole model first.")
     config_file: Optional[str] = Field(None, description="Advanced: a DeepSpeed JSON config "
                                        "whose extra keys are merged in; keys the recipe "
                                        "decides must agree with it.")
@@ -137,6 +147,12 @@ class DeepSpeed(TrainBackend):
         if recipe.train.compile:
             raise InvalidKey(("train", "compile"), "train.compile is not supported with the "
                              "deepspeed backend; set it to false")
+        if options.zero_init is True and needs_full_reference_copy(recipe):
+            raise InvalidKey(("backend", "zero_init"), f"method '{recipe.method.name}' without "
+                             "[lora] or precompute_ref keeps a frozen copy of the full weights, "
+                             "which cannot be made from a model that ZeRO-3 built partitioned; "
+                             "set backend.zero_init = false (every rank then builds the whole "
+                             "model), method.precompute_ref = true, or add [lora]")
         check_config_file(recipe, options)
 
     # -- process group --------------------------------------------------------------------
@@ -149,11 +165,36 @@ class DeepSpeed(TrainBackend):
     def data_parallel_size(self) -> int:
         return self.dist.world_size
 
+    # -- the model ------------------------------------------------------------------------
+    def build_model(self, model_plugin: Any, recipe: Any) -> Any:
+        """The model plugin's model; under ZeRO-3 with ``zero_init``, built partitioned.
+
+        transformers builds a model inside ``deepspeed.zero.Init`` (and loads a checkpoint
+        into its partitions) while an ``HfDeepSpeedConfig`` is alive; it holds only a weak
+        reference, so the backend keeps it until ``close``. Each rank then holds its
+        share of the weights: a 65B model no longer needs 130 GB of host memory per rank.
+        """
+        if partitions_at_build(self.options, recipe):
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_model_config = HfDeepSpeedConfig(self._config(recipe))
+            log.info("ZeRO-3: the model is built partitioned over %d ranks (zero.Init)",
+                     self.dist.world_size)
+        return model_plugin.build(recipe)
+
+    def _uses_cpu_adam(self, recipe: Any) -> bool:
+        return (self.options.offload_optimizer != "none" and self.options.cpu_adam and
+                recipe.optim.name == "adamw")
+
+    def _config(self, recipe: Any) -> dict[str, Any]:
+        from panda.backends.deepspeed_config import build_config
+
+        return build_config(recipe, self.options, self.data_parallel_size,
+                            self._uses_cpu_adam(recipe))
+
     # -- setup ----------------------------------------------------------------------------
     def setup(self, job: Any) -> None:
         import torch
-
-        from panda.backends.deepspeed_config import build_config
 
         self.job, self.method, self.dist = job, job.method, job.dist
         self.device = torch.device(self.dist.device)
@@ -166,15 +207,16 @@ class DeepSpeed(TrainBackend):
         self.config_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         if self.config_use_cache:
             model.config.use_cache = False
-        if precision == "fp32" and not getattr(model, "is_quantized", False):
+        # A model built partitioned already has the dtype DeepSpeed's config gives it.
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        if precision == "fp32" and not getattr(model, "is_quantized", False) and not partitioned:
             model.float()
         if options.zero_stage < 3 and options.offload_optimizer == "none":
             model.to(self.device)
-        self.uses_cpu_adam = (options.offload_optimizer != "none" and options.cpu_adam and
-                              job.recipe.optim.name == "adamw")
+        self.uses_cpu_adam = self._uses_cpu_adam(job.recipe)
         optimizer = self._build_optimizer(model)
         scheduler = job.build_scheduler(optimizer)
-        config = build_config(job.recipe, options, self.data_parallel_size, self.uses_cpu_adam)
+        config = self._config(job.recipe)
         self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
             dist_init_required=False)
@@ -328,6 +370,32 @@ class DeepSpeed(TrainBackend):
         if engine is not None:
             engine.destroy()
             self.engine = None
+        if getattr(self, "_zero3_model_config", None) is not None:
+            # Later models in this process (an inference run, the next test) build whole.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._zero3_model_config = None
+
+
+def partitions_at_build(options: Any, recipe: Any) -> bool:
+    """Whether the model is built partitioned (see ``DeepSpeedOptions.zero_init``). Never
+    with [quant]: bitsandbytes weights cannot be partitioned (check_recipe refuses ZeRO-3
+    with it anyway)."""
+    zero_init = getattr(options, "zero_init", False)
+    if getattr(options, "zero_stage", 0) != 3 or recipe.quant is not None or not zero_init:
+        return False
+    if zero_init == "auto":
+        from_checkpoint = getattr(recipe.model.options, "path", None) is not None
+        return from_checkpoint and not needs_full_reference_copy(recipe)
+    return True
+
+
+def needs_full_reference_copy(recipe: Any) -> bool:
+    """A preference method that will copy the whole starting model as its frozen
+    reference (``panda.plugins.methods.reference.choose_reference``)."""
+    return (recipe.lora is None
+            and getattr(recipe.method.options, "precompute_ref", None) is False)
 
 
 @contextmanager

@@ -194,3 +194,30 @@ def pipeline_train_worker(rank: int, world_size: int, ports: list[int], runs: li
         summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
         if rank == 0:
             Path(run["summary"]).write_text(json.dumps(summary))
+
+
+# -- ZeRO-3 building the model partitioned (zero_init) -----------------------------------------
+
+def zero_init_worker(rank: int, world_size: int, port: int, tmp: str, folder: str) -> None:
+    """Build the hf model from ``folder`` through the deepspeed backend (ZeRO-3, zero_init) and
+    write what each rank holds to tmp/zero-init-<rank>.json."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from panda import recipe as recipe_io
+
+    join(rank, world_size, port)
+    register_standins()
+    data = standin_recipe_data(tmp, precision="fp32")
+    data["model"] = {"name": "hf", "path": folder, "dtype": "float32", "attn": "eager"}
+    data["backend"] = {"name": "deepspeed", "zero_stage": 3}  # zero_init "auto": a checkpoint
+    recipe = recipe_io.validate(data)
+    plugin = registry.get("backend", "deepspeed")(recipe.backend.options)
+    plugin.init_distributed()
+    model = plugin.build_model(registry.get("model", "hf")(recipe.model.options), recipe)
+    params = list(model.parameters())
+    held = {"partitioned": all(hasattr(p, "ds_id") for p in params),
+            "local": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")),
+            "full": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
+    plugin.close()
+    held["zero3_after_close"] = is_deepspeed_zero3_enabled()
+    Path(tmp, f"zero-init-{rank}.json").write_text(json.dumps(held))

@@ -1,6 +1,7 @@
 """`panda train` itself on one GPU for the backends the other GPU tests drive in-process
-(ddp over NCCL, ds-pipeline): the Llama-3.2-1B shape (random init, tiny tokenizer, vocabulary
-128256), bf16, seq 512, a few steps of synthetic text. Tokens/s and peak memory come from
+(ddp over NCCL, ds-pipeline, and DeepSpeed ZeRO-3 building the model partitioned from a
+checkpoint): the Llama-3.2-1B shape (random init, tiny tokenizer, vocabulary 128256), bf16,
+seq 512, a few steps of synthetic text. Tokens/s and peak memory come from
 metrics.jsonl, are printed (-s) and appended to benchmarks/results.jsonl.
 
 Command: ``pytest -m gpu tests/backends/test_gpu_panda_train.py -s``
@@ -23,7 +24,10 @@ pytestmark = [pytest.mark.gpu,
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "panda" / "assets" / "tokenizer-tiny"
-BACKENDS = {"ddp": {"name": "ddp"}, "ds-pipeline": {"name": "ds-pipeline", "num_stages": 1}}
+BACKENDS = {"ddp": {"name": "ddp"}, "ds-pipeline": {"name": "ds-pipeline", "num_stages": 1},
+            # zero_init "auto" with model.path: transformers builds it inside zero.Init
+            "zero3-checkpoint": {"name": "deepspeed", "zero_stage": 3}}
+PRESET = {"preset": "llama3.2-1b", "vocab_size": 128256, "dtype": "bfloat16"}
 STEPS = 8
 
 
@@ -37,9 +41,26 @@ def synthetic_text(tmp: Path, count: int = 400) -> Path:
     return path
 
 
-def recipe(tmp: Path, backend: dict) -> Path:
+def checkpoint(tmp: Path) -> dict:
+    """The preset's random weights saved as a checkpoint; the [model] table that loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from panda.models.loading import preset_config
+    from panda.models.presets import PRESETS
+
+    config = preset_config(PRESETS[PRESET["preset"]], vocab_size=PRESET["vocab_size"],
+                           special_tokens={})
+    with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp / "checkpoint")
+    del model
+    torch.cuda.empty_cache()
+    return {"path": str(tmp / "checkpoint"), "dtype": "bfloat16"}
+
+
+def recipe(tmp: Path, backend: dict, model: dict = PRESET) -> Path:
     data = {"run": {"name": "gpu-" + backend["name"], "output_dir": str(tmp / "run")},
-            "model": {"preset": "llama3.2-1b", "vocab_size": 128256, "dtype": "bfloat16"},
+            "model": model,
             "tokenizer": {"path": str(TOKENIZER)},
             "data": {"max_seq_length": 512,
                      "sources": [{"name": "text", "path": str(synthetic_text(tmp))}]},
@@ -55,9 +76,11 @@ def recipe(tmp: Path, backend: dict) -> Path:
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_panda_train_runs_the_backend_on_one_gpu(name, tmp_path, train_metrics,
                                                  record_gpu_result):
-    if name == "ds-pipeline" and importlib.util.find_spec("deepspeed") is None:
+    if BACKENDS[name]["name"] != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("needs DeepSpeed: pip install 'pandallm[deepspeed]'")
-    steps = train_metrics(recipe(tmp_path, BACKENDS[name]), tmp_path / "run", "--nproc", "1")
+    model = checkpoint(tmp_path) if name == "zero3-checkpoint" else PRESET
+    steps = train_metrics(recipe(tmp_path, BACKENDS[name], model), tmp_path / "run",
+                          "--nproc", "1")
     tokens_per_s = sorted(s["tokens_per_s"] for s in steps[1:])[len(steps[1:]) // 2]  # median
     peak = max(s["peak_mem_gb"] for s in steps)
     print(f"\n[gpu-panda-train] {name:12s} llama3.2-1b bf16 seq 512 micro-batch 4 x 2: "

@@ -142,8 +142,11 @@ def test_resume_from_the_middle_gives_the_same_adapter(trained, tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6)
 
 
-def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path):
-    """2 gloo ranks x 4 under ZeRO-3 == one process x 8: losses and the exported adapter.
+@pytest.mark.parametrize("zero_init", [True, False], ids=["built-partitioned", "built-whole"])
+def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path, zero_init):
+    """2 gloo ranks x 4 under ZeRO-3 == one process x 8: losses and the exported adapter,
+    with the base built partitioned (zero.Init, loading the checkpoint into the shards; that
+    it is partitioned is checked in tests/backends/test_deepspeed_zero_init.py) or whole.
     (lora dropout 0: dropout masks come from per-rank generators and cannot agree.)"""
     import os
     import subprocess
@@ -151,12 +154,17 @@ def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path):
 
     pytest.importorskip("deepspeed")
     single = write_recipe(tmp_path, "single")
+    model, tokenizer = base_model(single)  # one checkpoint: both runs load the same weights
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
     text = single.read_text().replace("max_steps = 4", "max_steps = 3").replace(
-        "save_every = 2", "save_every = 0")
+        "save_every = 2", "save_every = 0").replace(
+        'preset = "tiny-llama"', f'path = "{tmp_path / "base"}"')
     single.write_text(text.replace("per_device_batch_size = 4", "per_device_batch_size = 8"))
     zero3 = tmp_path / "zero3.toml"
     zero3.write_text(text.replace(str(tmp_path / "single"), str(tmp_path / "zero3"))
-                     + '\n[backend]\nname = "deepspeed"\nzero_stage = 3\n')
+                     + f'\n[backend]\nname = "deepspeed"\nzero_stage = 3\n'
+                     f'zero_init = {str(zero_init).lower()}\n')
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for recipe, extra in ((single, []), (zero3, ["--nproc", "2"])):
         result = subprocess.run([sys.executable, "-m", "panda", "train", str(recipe), *extra],

@@ -61,6 +61,11 @@ class FrozenCopy:
     """A frozen copy of the starting weights (full fine-tuning without precompute_ref)."""
 
     def __init__(self, model: "torch.nn.Module"):
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise PandaError("a frozen full copy of the weights cannot be made from a model "
+                             "that DeepSpeed ZeRO-3 built partitioned",
+                             hint="set backend.zero_init = false, or use [lora] or "
+                             "method.precompute_ref = true")
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
 
     def pair_logps(self, policy: Any, batch: dict[str, Any]) -> PairLogps:
