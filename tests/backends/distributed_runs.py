@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import panda.job  # noqa: E402
 from panda import recipe as recipe_io  # noqa: E402
 from panda import registry  # noqa: E402
-from standins import (free_port, register_standins, standin_build_data,  # noqa: E402
+from standins import (exit_rank, free_port, register_standins, standin_build_data,  # noqa: E402
                       standin_recipe_data)
 
 PROBE_LOGITS = "probe_logits.pt"
@@ -68,6 +68,7 @@ def _worker(rank: int, nproc: int, port: int, data: dict, resume: str) -> None:
                       WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores
     _train(data, resume)
+    exit_rank()
 
 
 def _train(data: dict, resume: str) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from panda import registry
-from standins import (StandinConstant, StandinLm, StandinSgd, collate, register_standins,
-                      standin_build_data, standin_recipe_data, tiny_llama)
+from standins import (StandinConstant, StandinLm, StandinSgd, collate, exit_rank,
+                      register_standins, standin_build_data, standin_recipe_data, tiny_llama)
 
 
 # Backend sections of the deepspeed cases, by name.
@@ -98,6 +98,7 @@ def one_step_worker(rank: int, world_size: int, port: int, tmp: str, cases: list
         if rank == 0:
             torch.save({"result": result, "state": weights}, Path(tmp) / f"{case['name']}.pt")
     job.backend.close()
+    exit_rank()
 
 
 def train_worker(rank: int, world_size: int, ports: list[int], runs: list[dict]) -> None:
@@ -114,6 +115,7 @@ def train_worker(rank: int, world_size: int, ports: list[int], runs: list[dict])
         summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
         if rank == 0:
             Path(run["summary"]).write_text(json.dumps(summary))
+    exit_rank()
 
 
 # -- pipeline --------------------------------------------------------------------------------
@@ -162,6 +164,7 @@ def pipeline_worker(rank: int, world_size: int, port: int, tmp: str, step_case: 
         if rank == 0:
             torch.save({"sum": summed, "count": count}, Path(tmp) / f"{case['name']}.pt")
     job.backend.close()
+    exit_rank()
 
 
 def sharded_build_data(count: int):
@@ -194,6 +197,7 @@ def pipeline_train_worker(rank: int, world_size: int, ports: list[int], runs: li
         summary = panda.job.train(recipe_io.validate(data), resume=run.get("resume", "auto"))
         if rank == 0:
             Path(run["summary"]).write_text(json.dumps(summary))
+    exit_rank()
 
 
 # -- ZeRO-3 building the model partitioned (zero_init) -----------------------------------------
@@ -221,3 +225,4 @@ def zero_init_worker(rank: int, world_size: int, port: int, tmp: str, folder: st
     plugin.close()
     held["zero3_after_close"] = is_deepspeed_zero3_enabled()
     Path(tmp, f"zero-init-{rank}.json").write_text(json.dumps(held))
+    exit_rank()
