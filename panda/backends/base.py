@@ -330,6 +330,14 @@ class TorchBackend(TrainBackend):
         self.barrier()
 
 
+def needs_full_reference_copy(recipe: Any) -> bool:
+    """Whether the method will copy the whole starting model as its frozen reference
+    (``panda.plugins.methods.reference.choose_reference``: dpo without [lora] or
+    precompute_ref), which needs the model built whole on every rank."""
+    return (recipe.lora is None
+            and getattr(recipe.method.options, "precompute_ref", None) is False)
+
+
 def _floating_dtype(model: Any) -> Any:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 

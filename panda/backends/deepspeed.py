@@ -38,7 +38,8 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from panda.backends.base import DistInfo, default_device, env_world_size
+from panda.backends.base import (DistInfo, default_device, env_world_size,
+                                 needs_full_reference_copy)
 from panda.errors import PandaError, require
 from panda.plugins.api import Options, TrainBackend
 from panda.recipe_schema import InvalidKey
@@ -389,13 +390,6 @@ def partitions_at_build(options: Any, recipe: Any) -> bool:
         from_checkpoint = getattr(recipe.model.options, "path", None) is not None
         return from_checkpoint and not needs_full_reference_copy(recipe)
     return True
-
-
-def needs_full_reference_copy(recipe: Any) -> bool:
-    """A preference method that will copy the whole starting model as its frozen
-    reference (``panda.plugins.methods.reference.choose_reference``)."""
-    return (recipe.lora is None
-            and getattr(recipe.method.options, "precompute_ref", None) is False)
 
 
 @contextmanager

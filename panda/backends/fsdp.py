@@ -14,11 +14,12 @@ RECIPE --nproc N``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from pydantic import Field
 
-from panda.backends.base import ENGINE_STATE, _floating_dtype, export_hf_folder
+from panda.backends.base import (ENGINE_STATE, _floating_dtype, export_hf_folder,
+                                 needs_full_reference_copy)
 from panda.backends.ddp import Ddp
 from panda.errors import PandaError
 from panda.plugins.api import Options
@@ -47,6 +48,13 @@ class FsdpOptions(Options):
     activation_checkpointing: bool = Field(False, description="Recompute each transformer "
                                            "block's activations in backward instead of storing "
                                            "them.")
+    load_on_rank0: Union[Literal["auto"], bool] = Field(
+        "auto", description="Only rank 0 builds (or loads) the whole model; the others build "
+        "it empty on the meta device and receive their shards from rank 0 after sharding, so "
+        "host memory holds one copy of the model instead of one per rank. 'auto': with "
+        "several ranks, unless the method keeps a frozen full copy of the weights (dpo "
+        "without [lora] or precompute_ref), cpu_offload is on with GPUs, or the model plugin "
+        "cannot build an empty model.")
 
 
 class Fsdp(Ddp):
@@ -69,6 +77,33 @@ class Fsdp(Ddp):
                              "set one of the two, not both")
         if recipe.optim.name in OPTIMIZERS_WITHOUT_DTENSOR:
             raise InvalidKey(("optim", "name"), OPTIMIZERS_WITHOUT_DTENSOR[recipe.optim.name])
+        if options.load_on_rank0 is True and needs_full_reference_copy(recipe):
+            raise InvalidKey(("backend", "load_on_rank0"), f"method '{recipe.method.name}' "
+                             "without [lora] or precompute_ref keeps a frozen copy of the full "
+                             "weights on every rank, which an empty model cannot give; set "
+                             "backend.load_on_rank0 = false, method.precompute_ref = true, "
+                             "or add [lora]")
+
+    # -- the model ------------------------------------------------------------------------
+    def build_model(self, model_plugin: Any, recipe: Any) -> Any:
+        """The model plugin's model on rank 0; with ``load_on_rank0``, an empty (meta
+        device) one on the other ranks, filled from rank 0 in ``setup``."""
+        option = self.options.load_on_rank0
+        # torch broadcasts the state dict on the shards' device: CPU shards cannot go
+        # over NCCL.
+        offloaded_on_gpu = self.options.cpu_offload and self.dist.device.startswith("cuda")
+        if option is True and offloaded_on_gpu:
+            raise PandaError("backend.load_on_rank0 = true does not work with cpu_offload on "
+                             "GPUs yet", hint="set backend.load_on_rank0 = false (or \"auto\")")
+        wanted = option is True or (option == "auto" and self.dist.world_size > 1
+                                    and not offloaded_on_gpu
+                                    and not needs_full_reference_copy(recipe))
+        # Every rank asks, rank 0 included: all must agree whether the broadcast happens.
+        empty = model_plugin.build_empty(recipe) if wanted else None
+        self.loads_on_rank0 = empty is not None
+        if self.loads_on_rank0 and self.dist.rank != 0:
+            return empty
+        return model_plugin.build(recipe)
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, job: Any) -> None:
@@ -106,12 +141,17 @@ class Fsdp(Ddp):
         self.config_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         if self.config_use_cache:
             model.config.use_cache = False
+        # Rank 0's whole weights, kept past sharding for the other ranks' shards.
+        full_state = model.state_dict() if self._fills_from_rank0() and self.dist.is_main else None
         blocks = transformer_blocks(model)
         if self.options.activation_checkpointing:
             blocks = [checkpoint_block(parent, name) for parent, name in blocks]
         if job.recipe.train.compile:
             blocks = [compile_block(parent, name) for parent, name in blocks]
         self.shard(model, blocks)
+        if self._fills_from_rank0():
+            self.fill_from_rank0(model, full_state)
+        del full_state
         self.unwrapped = model
         self.model = model  # fully_shard works in place: the model is its own wrapper
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -140,6 +180,31 @@ class Fsdp(Ddp):
         # The root keeps its weights after forward whatever the option says (FSDP2's rule):
         # the head and embeddings are needed again first thing in backward.
         fully_shard(model, **kwargs)
+
+    def _fills_from_rank0(self) -> bool:
+        return getattr(self, "loads_on_rank0", False)
+
+    def fill_from_rank0(self, model: Any, full_state: dict[str, Any] | None) -> None:
+        """Give the empty ranks' shards storage, then rank 0's weights and buffers.
+
+        Parameters and persistent buffers travel through torch's
+        ``set_model_state_dict(..., broadcast_from_rank0=True)``, each rank keeping only
+        its shard; buffers outside the state dict (rotary frequencies) are broadcast as
+        they are, since an empty model's are uninitialised memory.
+        """
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict)
+
+        if not self.dist.is_main:
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, full_state or {}, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- one step --------------------------------------------------------------------------
     def gradient_sync(self, last_micro_batch: bool) -> Any:

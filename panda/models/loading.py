@@ -185,6 +185,31 @@ def build_from_preset(fields: dict[str, Any], *, vocab_size: int, dtype: str, at
             raise error from exc
 
 
+def read_config(path: str, trust_remote_code: bool) -> Any:
+    """The transformers config of the model folder ``path``."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                      local_files_only=True)
+
+
+def build_empty(config: Any, *, dtype: str, attn: str, trust_remote_code: bool
+                ) -> "torch.nn.Module":
+    """The architecture of ``config`` on the meta device: shapes and dtypes, no memory.
+
+    A sharding backend fills it from rank 0 after sharding (``torch.nn.Module.to_empty``
+    gives each shard its storage first).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_attention(attn)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                                attn_implementation=attn,
+                                                trust_remote_code=trust_remote_code)
+
+
 def enable_activation_checkpointing(model: Any) -> None:
     """Recompute each block's activations in backward (non-reentrant torch checkpoint)."""
     if not getattr(model, "supports_gradient_checkpointing", False):

@@ -84,6 +84,16 @@ class ModelPlugin(Plugin):
         """Return a ``transformers`` tokenizer for this model."""
         raise NotImplementedError
 
+    def build_empty(self, ctx: Any) -> "torch.nn.Module | None":
+        """Optional: ``build``'s model on the meta device, its architecture without weights.
+
+        A sharding backend (``fsdp``) calls it on every rank but the first, which alone
+        calls ``build``; after sharding, rank 0 broadcasts the weights into everyone's
+        shards, so no other rank needs memory for the whole model. The default, None,
+        means every rank calls ``build``.
+        """
+        return None
+
 
 class BadRecord(ValueError):
     """A record that cannot be used. The message says what is wrong, without the location:

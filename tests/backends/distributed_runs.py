@@ -145,3 +145,56 @@ def assert_losses_close(actual: dict[int, float], expected: dict[int, float],
     for step in expected:
         assert abs(actual[step] - expected[step]) <= rel * abs(expected[step]), (
             f"step {step}: {actual[step]!r} vs {expected[step]!r}")
+
+
+# -- fsdp: only rank 0 builds the model (load_on_rank0) --------------------------------------
+
+def hf_recipe_data(output_dir: str, model: dict[str, Any], backend: dict[str, Any]) -> dict:
+    """The stand-in recipe with the real ``hf`` model plugin (``model``: its [model] table)."""
+    data = standin_recipe_data(output_dir)
+    data["model"] = {"name": "hf", "dtype": "float32", "attn": "eager", **model}
+    data["backend"] = backend
+    return data
+
+
+def built_and_filled_worker(rank: int, nproc: int, port: int, tmp: str,
+                            models: list[dict[str, Any]]) -> None:
+    """Per [model] table: build through the fsdp backend, set it up, and save (rank 0) which
+    ranks built an empty model and every rank's logits of the sharded model on the probe."""
+    from panda.backends.base import DistInfo
+    from panda.job import Job
+    from standins import StandinConstant, StandinLm, StandinSgd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    register_standins()
+    for index, model_table in enumerate(models):
+        recipe = recipe_io.validate(hf_recipe_data(tmp, model_table, {"name": "fsdp"}))
+        backend = registry.get("backend", "fsdp")(recipe.backend.options)
+        dist: DistInfo = backend.init_distributed()
+        model = backend.build_model(registry.get("model", "hf")(recipe.model.options), recipe)
+        empty = all(p.is_meta for p in model.parameters())
+        job = Job(recipe=recipe, backend=backend, dist=dist, output_dir=Path(tmp), model=model,
+                  method=StandinLm(), optimizer_plugin=StandinSgd(),
+                  schedule_plugin=StandinConstant(), total_steps=1)
+        backend.setup(job)
+        backend.model.eval()
+        with torch.no_grad():
+            logits = backend.model(input_ids=PROBE).logits.float()
+        built_empty, every_logits = [None] * nproc, [None] * nproc
+        torch.distributed.all_gather_object(built_empty, empty)
+        torch.distributed.all_gather_object(every_logits, logits)  # each rank's own forward
+        if rank == 0:
+            torch.save({"built_empty": built_empty, "logits": every_logits},
+                       Path(tmp) / f"{index}.pt")
+    exit_rank()
+
+
+def whole_model_logits(tmp: str, model_table: dict[str, Any]) -> torch.Tensor:
+    """The probe logits of the model the ``hf`` plugin builds whole, in this process."""
+    register_standins()
+    recipe = recipe_io.validate(hf_recipe_data(tmp, model_table, {"name": "single"}))
+    model = registry.get("model", "hf")(recipe.model.options).build(recipe).eval()
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits.float()

@@ -96,3 +96,30 @@ def test_cli_validate_says_why(run_panda):
                        "backend.name=\"fsdp\"", "--set", "optim.name=\"adafactor\"")
     assert result.returncode == 2
     assert "optim.name: adafactor (transformers) keeps its factored statistics" in result.stderr
+
+
+# -- only rank 0 builds the whole model (backend.load_on_rank0, "auto") -----------------------
+
+@pytest.mark.slow
+def test_other_ranks_start_empty_and_receive_rank0s_weights(tmp_path):
+    """2 ranks: rank 1 builds the model on the meta device, and after sharding the model
+    computes what the whole model computes: weights and buffers (rotary frequencies) came
+    over from rank 0, for a preset and for a checkpoint."""
+    import torch.multiprocessing as mp
+
+    from distributed_runs import built_and_filled_worker, whole_model_logits
+    from standins import free_port, tiny_llama
+
+    from panda.models import tiny_tokenizer
+
+    tiny_llama(3).save_pretrained(tmp_path / "checkpoint")
+    tiny_tokenizer.load().save_pretrained(tmp_path / "checkpoint")
+    models = [{"preset": "tiny-llama"}, {"path": str(tmp_path / "checkpoint")}]
+    mp.spawn(built_and_filled_worker, args=(2, free_port(), str(tmp_path), models), nprocs=2,
+             join=True)
+    for index, model in enumerate(models):
+        saved = torch.load(tmp_path / f"{index}.pt", weights_only=True)
+        assert saved["built_empty"] == [False, True]
+        expected = whole_model_logits(str(tmp_path), model)
+        for logits in saved["logits"]:  # rank 0's forward and rank 1's
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

@@ -55,6 +55,10 @@ class StandinModel(ModelPlugin):
     def build(self, recipe):
         return tiny_llama(recipe.run.seed)
 
+    def build_empty(self, recipe):
+        with torch.device("meta"):  # what fsdp's other ranks build (backend.load_on_rank0)
+            return tiny_llama(recipe.run.seed)
+
     def tokenizer(self, recipe):
         from panda.models import tiny_tokenizer
 

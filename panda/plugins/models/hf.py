@@ -77,19 +77,47 @@ class HFModel(ModelPlugin):
             model = loading.load_pretrained(options.path, dtype=options.dtype, attn=options.attn,
                                             trust_remote_code=options.trust_remote_code)
         else:
-            vocab_size = options.vocab_size or len(tokenizer)
-            if vocab_size < len(tokenizer):
-                raise PandaError(f"model.vocab_size = {vocab_size} is smaller than the "
-                                 f"tokenizer's {len(tokenizer)} tokens",
-                                 hint="leave model.vocab_size unset to use the tokenizer's size")
-            special = {name: getattr(tokenizer, name, None)
-                       for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            model = loading.build_from_preset(PRESETS[options.preset], vocab_size=vocab_size,
+            model = loading.build_from_preset(PRESETS[options.preset],
+                                              vocab_size=self._preset_vocab(tokenizer),
                                               dtype=options.dtype, attn=options.attn,
-                                              seed=ctx.run.seed, special_tokens=special)
-        if ctx.quant is None:  # a quantized embedding cannot be resized
+                                              seed=ctx.run.seed,
+                                              special_tokens=special_tokens(tokenizer))
+        return self._fitted(model, tokenizer, resize=ctx.quant is None)
+
+    def build_empty(self, ctx: Any) -> Any:
+        """``build``'s model on the meta device, without weights (none for [quant])."""
+        from panda.models import loading
+
+        if ctx.quant is not None:
+            return None
+        options = self.options
+        tokenizer = self.tokenizer(ctx)
+        if options.path is not None:
+            config = loading.read_config(options.path, options.trust_remote_code)
+        else:
+            config = loading.preset_config(PRESETS[options.preset],
+                                           vocab_size=self._preset_vocab(tokenizer),
+                                           special_tokens=special_tokens(tokenizer))
+        model = loading.build_empty(config, dtype=options.dtype, attn=options.attn,
+                                    trust_remote_code=options.trust_remote_code)
+        return self._fitted(model, tokenizer, resize=True)
+
+    def _preset_vocab(self, tokenizer: Any) -> int:
+        vocab_size = self.options.vocab_size or len(tokenizer)
+        if vocab_size < len(tokenizer):
+            raise PandaError(f"model.vocab_size = {vocab_size} is smaller than the "
+                             f"tokenizer's {len(tokenizer)} tokens",
+                             hint="leave model.vocab_size unset to use the tokenizer's size")
+        return vocab_size
+
+    def _fitted(self, model: Any, tokenizer: Any, resize: bool) -> Any:
+        """The tokenizer's size and pad id (a quantized embedding cannot be resized), and
+        activation checkpointing when asked."""
+        from panda.models import loading
+
+        if resize:
             loading.fit_to_tokenizer(model, tokenizer)
-        if options.gradient_checkpointing:
+        if self.options.gradient_checkpointing:
             loading.enable_activation_checkpointing(model)
         return model
 
@@ -107,11 +135,9 @@ class HFModel(ModelPlugin):
             return adapters.load_quantized_base(options.path, ctx.quant,
                                                 compute_dtype=compute_dtype, attn=options.attn,
                                                 trust_remote_code=options.trust_remote_code)
-        special = {name: getattr(tokenizer, name, None)
-                   for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = loading.preset_config(PRESETS[options.preset],
                                        vocab_size=options.vocab_size or len(tokenizer),
-                                       special_tokens=special)
+                                       special_tokens=special_tokens(tokenizer))
         config._attn_implementation = options.attn
         return adapters.quantized_model_from_config(config, ctx.quant,
                                                     compute_dtype=compute_dtype)
@@ -135,3 +161,8 @@ class HFModel(ModelPlugin):
                 "packing with a model's own remote code: panda cannot tell whether its attention "
                 "keeps packed documents apart; set data.packing = false")
 
+
+def special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's bos, eos and pad ids, for a preset's config."""
+    return {name: getattr(tokenizer, name, None)
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
