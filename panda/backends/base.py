@@ -338,6 +338,18 @@ def needs_full_reference_copy(recipe: Any) -> bool:
             and getattr(recipe.method.options, "precompute_ref", None) is False)
 
 
+def refuse_full_reference_copy(options: Any, recipe: Any, option: str, why: str) -> None:
+    """Refuse ``backend.<option> = true`` (in the backend's ``options``) with a method that
+    copies the whole model as its reference; ``why`` says what that model cannot give."""
+    from panda.recipe_schema import InvalidKey
+
+    if getattr(options, option, None) is True and needs_full_reference_copy(recipe):
+        raise InvalidKey(("backend", option), f"method '{recipe.method.name}' without [lora] "
+                         f"or precompute_ref keeps a frozen copy of the full weights, {why}; "
+                         f"set backend.{option} = false, method.precompute_ref = true, or "
+                         "add [lora]")
+
+
 def _floating_dtype(model: Any) -> Any:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 

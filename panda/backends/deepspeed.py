@@ -39,7 +39,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from panda.backends.base import (DistInfo, default_device, env_world_size,
-                                 needs_full_reference_copy)
+                                 needs_full_reference_copy, refuse_full_reference_copy)
 from panda.errors import PandaError, require
 from panda.plugins.api import Options, TrainBackend
 from panda.recipe_schema import InvalidKey
@@ -148,12 +148,8 @@ class DeepSpeed(TrainBackend):
         if recipe.train.compile:
             raise InvalidKey(("train", "compile"), "train.compile is not supported with the "
                              "deepspeed backend; set it to false")
-        if options.zero_init is True and needs_full_reference_copy(recipe):
-            raise InvalidKey(("backend", "zero_init"), f"method '{recipe.method.name}' without "
-                             "[lora] or precompute_ref keeps a frozen copy of the full weights, "
-                             "which cannot be made from a model that ZeRO-3 built partitioned; "
-                             "set backend.zero_init = false (every rank then builds the whole "
-                             "model), method.precompute_ref = true, or add [lora]")
+        refuse_full_reference_copy(options, recipe, "zero_init", "which cannot be made from "
+                                   "a model that ZeRO-3 built partitioned")
         check_config_file(recipe, options)
 
     # -- process group --------------------------------------------------------------------

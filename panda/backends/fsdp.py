@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 from pydantic import Field
 
 from panda.backends.base import (ENGINE_STATE, _floating_dtype, export_hf_folder,
-                                 needs_full_reference_copy)
+                                 needs_full_reference_copy, refuse_full_reference_copy)
 from panda.backends.ddp import Ddp
 from panda.errors import PandaError
 from panda.plugins.api import Options
@@ -77,12 +77,8 @@ class Fsdp(Ddp):
                              "set one of the two, not both")
         if recipe.optim.name in OPTIMIZERS_WITHOUT_DTENSOR:
             raise InvalidKey(("optim", "name"), OPTIMIZERS_WITHOUT_DTENSOR[recipe.optim.name])
-        if options.load_on_rank0 is True and needs_full_reference_copy(recipe):
-            raise InvalidKey(("backend", "load_on_rank0"), f"method '{recipe.method.name}' "
-                             "without [lora] or precompute_ref keeps a frozen copy of the full "
-                             "weights on every rank, which an empty model cannot give; set "
-                             "backend.load_on_rank0 = false, method.precompute_ref = true, "
-                             "or add [lora]")
+        refuse_full_reference_copy(options, recipe, "load_on_rank0", "on every rank, which "
+                                   "an empty model cannot give")
 
     # -- the model ------------------------------------------------------------------------
     def build_model(self, model_plugin: Any, recipe: Any) -> Any:

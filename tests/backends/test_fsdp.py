@@ -123,3 +123,19 @@ def test_other_ranks_start_empty_and_receive_rank0s_weights(tmp_path):
         expected = whole_model_logits(str(tmp_path), model)
         for logits in saved["logits"]:  # rank 0's forward and rank 1's
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_full_weights_dpo_reference_cannot_start_empty(tmp_path):
+    from panda.backends.base import needs_full_reference_copy
+    from panda.errors import RecipeError
+    from panda.recipe import load
+
+    recipe = tmp_path / "dpo.toml"
+    text = ('[model]\npreset = "tiny-llama"\n[[data.sources]]\nname = "preference"\n'
+            'path = "pairs.jsonl"\n[method]\nname = "dpo"\n[backend]\nname = "fsdp"\n')
+    recipe.write_text(text + "load_on_rank0 = true\n")
+    with pytest.raises(RecipeError, match="backend.load_on_rank0 = false"):
+        load(recipe)
+    recipe.write_text(text)  # "auto": every rank builds the whole model for dpo's copy
+    loaded = load(recipe)
+    assert loaded.backend.options.load_on_rank0 == "auto" and needs_full_reference_copy(loaded)
