@@ -9,9 +9,8 @@
   from the pipeline's own checkpoint to the same losses, and export an HF folder whose
   logits equal the single-process model's (atol 1e-5).
 
-2 stages x 2 data-parallel replicas needs 4 processes: on a 2-core CI runner they would
-time-share the cores for ~2 minutes more, so the PP x DP layout is covered by the unit test
-of the rank layout below, not by a 4-process run.
+2 stages x 2 data-parallel replicas runs as 4 processes time-sharing the CI runner's 2 cores:
+the loop's losses match the single process too, each replica reading its half of the data.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ds_workers import PIPELINE, pipeline_worker, save_hf_folder
+from ds_workers import PIPELINE, pipeline_train_worker, pipeline_worker, save_hf_folder
 from standins import collate, free_port, next_token_loss, random_sequences, tiny_llama
 from test_loss_normalization import CLIP, SEQUENCES, assert_same_weights, reference_step
 
@@ -226,3 +225,18 @@ def test_a_middle_stage_keeps_its_place_without_reading_rows():
     assert batches.read == 0 and len(placeholders) == 3
     assert placeholders[0]["input_ids"].shape == (2, 1)
     assert (placeholders[0]["labels"] == -100).all()
+
+
+@pytest.mark.slow
+def test_two_stages_by_two_replicas_match_a_single_process(tmp_path, deepspeed_cpu_ops,
+                                                           single_process_run):
+    reference_losses, _ = single_process_run
+    run = {"model": {"path": save_hf_folder(tiny_llama(0), tmp_path / "hf")},
+           "backend": PIPELINE,  # 2 stages; 4 ranks make 2 data-parallel replicas
+           "train": {"gradient_accumulation_steps": 2, "max_steps": 5, "save_every": 0,
+                     "per_device_batch_size": 2},  # 2 replicas x 2 = the reference's 4
+           "output_dir": str(tmp_path / "run"), "summary": str(tmp_path / "run.json")}
+    mp.spawn(pipeline_train_worker, args=(4, [free_port()], [run]), nprocs=4, join=True)
+    losses = [s["loss"] for s in json.loads((tmp_path / "run.json").read_text())["history"]]
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+
