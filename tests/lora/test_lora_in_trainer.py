@@ -142,17 +142,27 @@ def test_resume_from_the_middle_gives_the_same_adapter(trained, tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("zero_init", [True, False], ids=["built-partitioned", "built-whole"])
-def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path, zero_init):
-    """2 gloo ranks x 4 under ZeRO-3 == one process x 8: losses and the exported adapter,
+SHARDED_LORA = {  # backend table of each 2-rank case
+    "zero3-built-partitioned": 'name = "deepspeed"\nzero_stage = 3\nzero_init = true',
+    "zero3-built-whole": 'name = "deepspeed"\nzero_stage = 3\nzero_init = false',
+    "fsdp": 'name = "fsdp"',  # rank 1 starts empty (load_on_rank0 "auto")
+    "ddp": 'name = "ddp"',
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDED_LORA))
+def test_lora_on_two_ranks_matches_one_process(tmp_path, case):
+    """2 gloo ranks x 4 == one process x 8: losses and the exported adapter, under ZeRO-3
     with the base built partitioned (zero.Init, loading the checkpoint into the shards; that
-    it is partitioned is checked in tests/backends/test_deepspeed_zero_init.py) or whole.
-    (lora dropout 0: dropout masks come from per-rank generators and cannot agree.)"""
+    it is partitioned is checked in tests/backends/test_deepspeed_zero_init.py) or whole,
+    under FSDP2 and under DDP. (lora dropout 0: dropout masks come from per-rank generators
+    and cannot agree.)"""
     import os
     import subprocess
     import sys
 
-    pytest.importorskip("deepspeed")
+    if case.startswith("zero3"):
+        pytest.importorskip("deepspeed")
     single = write_recipe(tmp_path, "single")
     model, tokenizer = base_model(single)  # one checkpoint: both runs load the same weights
     model.save_pretrained(tmp_path / "base")
@@ -161,23 +171,22 @@ def test_lora_under_deepspeed_zero3_matches_one_process(tmp_path, zero_init):
         "save_every = 2", "save_every = 0").replace(
         'preset = "tiny-llama"', f'path = "{tmp_path / "base"}"')
     single.write_text(text.replace("per_device_batch_size = 4", "per_device_batch_size = 8"))
-    zero3 = tmp_path / "zero3.toml"
-    zero3.write_text(text.replace(str(tmp_path / "single"), str(tmp_path / "zero3"))
-                     + f'\n[backend]\nname = "deepspeed"\nzero_stage = 3\n'
-                     f'zero_init = {str(zero_init).lower()}\n')
+    sharded = tmp_path / "sharded.toml"
+    sharded.write_text(text.replace(str(tmp_path / "single"), str(tmp_path / "sharded"))
+                       + f"\n[backend]\n{SHARDED_LORA[case]}\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    for recipe, extra in ((single, []), (zero3, ["--nproc", "2"])):
+    for recipe, extra in ((single, []), (sharded, ["--nproc", "2"])):
         result = subprocess.run([sys.executable, "-m", "panda", "train", str(recipe), *extra],
                                 capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl")
-               .read_text().splitlines() if '"loss"' in line] for run in ("single", "zero3")]
+               .read_text().splitlines() if '"loss"' in line] for run in ("single", "sharded")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     first = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
-    second = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "sharded" / "final" / "adapter_model.safetensors")
     assert first.keys() == second.keys()
     # One process folds the frozen LM head into the loss ((softmax - onehot) @ W, then the
-    # per-token scale); ZeRO-3's partitioned head cannot be folded (scale, then @ W): the
-    # same gradient summed in another order, a few fp32 ulps apart after the steps.
+    # per-token scale); a sharded head cannot be folded (scale, then @ W): the same gradient
+    # summed in another order, a few fp32 ulps apart after the steps.
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=3e-5)
