@@ -95,7 +95,8 @@ class Fsdp(Ddp):
                                     and not offloaded_on_gpu
                                     and not needs_full_reference_copy(recipe))
         # Every rank asks, rank 0 included: all must agree whether the broadcast happens.
-        empty = model_plugin.build_empty(recipe) if wanted else None
+        build_empty = getattr(model_plugin, "build_empty", None)  # optional in the API
+        empty = build_empty(recipe) if wanted and build_empty else None
         self.loads_on_rank0 = empty is not None
         if self.loads_on_rank0 and self.dist.rank != 0:
             return empty
