@@ -32,8 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
-                          pick_device, read_like_the_loop, reset_memory, synchronize, utc_now,
-                          versions)
+                          panda_single_step, pick_device, reset_memory, synchronize,
+                          timed_steps, utc_now, versions)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -162,8 +162,6 @@ def run_panda(args: argparse.Namespace, device: str, token_ids: list[dict]) -> d
     from panda import recipe as recipe_io
     from panda import registry
     from panda.adapters import apply_lora
-    from panda.backends.base import DistInfo
-    from panda.job import Job
 
     reset_memory(device)
     on_gpu = device.startswith("cuda")
@@ -183,27 +181,15 @@ def run_panda(args: argparse.Namespace, device: str, token_ids: list[dict]) -> d
     model = apply_lora(model, recipe.lora)
     method = registry.get("method", "dpo")(recipe.method.options)
     model = method.prepare(model, SimpleNamespace(recipe=recipe))
-    backend = registry.get("backend", "single")(recipe.backend.options)
-    job = Job(recipe=recipe, backend=backend, dist=DistInfo(device=device),
-              output_dir=Path("unused"), model=model, method=method,
-              optimizer_plugin=registry.get("optimizer", "adamw")(recipe.optim.options),
-              schedule_plugin=registry.get("scheduler", "constant")(recipe.schedule.options),
-              total_steps=10**6)
-    backend.setup(job)
+    step = panda_single_step(recipe, model, method, device)
     batches = pair_batches(token_ids, args)[:args.warmup + args.steps]
-    step = read_like_the_loop(backend.train_step)
-    losses = [float(step(batch)) for batch in batches[:args.warmup]]
-    synchronize(device)
-    started = time.perf_counter()
-    losses += [step(batch) for batch in batches[args.warmup:]]
-    synchronize(device)
-    elapsed = time.perf_counter() - started
+    losses, _, elapsed = timed_steps(step, batches, args.warmup, device)
     tokens = sum(int((b[f"{s}_input_ids"] != 0).sum()) for b in batches[args.warmup:]
                  for s in ("chosen", "rejected"))
     result = {"variant": "panda", "tokens_per_s": tokens / elapsed,
               "step_s": elapsed / args.steps, "peak_mem_gb": peak_memory_gb(device),
               "mean_loss": sum(float(loss) for loss in losses) / len(losses)}
-    del job, backend, model
+    del step, model
     return result
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +74,49 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_like_the_loop(train_step: Any) -> Any:
-    """A one-batch step for panda's ``backend.train_step`` that reads each step's numbers
-    on the host after the next step is queued, as ``panda train``'s loop does (see
-    docs/training.md); it returns the loss, a float or a device tensor."""
+def timed_steps(step: Any, batches: list[Any], warmup: int, device: str
+                ) -> tuple[list[Any], float, float]:
+    """``step`` over ``batches``: the first ``warmup`` untimed (compilation, allocator
+    warm-up), the rest timed between device fences. Returns (losses, warm-up seconds, timed
+    seconds); the timed losses may still be device tensors."""
+    started = time.perf_counter()
+    losses = [float(step(batch)) for batch in batches[:warmup]]
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    losses += [step(batch) for batch in batches[warmup:]]
+    synchronize(device)
+    return losses, warmup_s, time.perf_counter() - started
+
+
+def panda_single_step(recipe: Any, model: Any, method: Any, device: str) -> Any:
+    """panda's ``single`` backend set up around ``model`` as ``panda train`` sets it up (the
+    recipe's optimizer and schedule, no data), and a one-batch step that reads each step's
+    numbers on the host after the next step is queued, as the loop does (docs/training.md).
+    The step returns the loss (a float or a device tensor); ``step.model`` is the model."""
+    from panda import registry
+    from panda.backends.base import DistInfo
+    from panda.job import Job
     from panda.plugins.api import step_values_on_host
 
+    backend = registry.get("backend", "single")(recipe.backend.options)
+    job = Job(recipe=recipe, backend=backend, dist=DistInfo(device=device),
+              output_dir=Path("unused"), model=model, method=method,
+              optimizer_plugin=registry.get("optimizer", recipe.optim.name)(recipe.optim.options),
+              schedule_plugin=registry.get("scheduler", recipe.schedule.name)(
+                  recipe.schedule.options),
+              total_steps=10**6)
+    backend.setup(job)
     pending: list[dict[str, Any]] = []
 
     def step(batch: dict[str, Any]) -> Any:
-        values = train_step([batch])
+        values = backend.train_step([batch])
         if pending:
             step_values_on_host(pending.pop())
         pending.append(values)
         return values["loss"]
 
+    step.model = backend.model
     return step
 
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (ROOT, RESULTS, append_record, peak_memory_gb,  # noqa: E402
-                          pick_device, read_like_the_loop, reset_memory, synchronize, utc_now,
+                          panda_single_step, pick_device, reset_memory, timed_steps, utc_now,
                           versions)
 LR, MAX_GRAD_NORM = 1e-4, 1.0
 
@@ -135,8 +135,6 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
     from panda import recipe as recipe_io
     from panda import registry
     from panda.adapters import apply_lora
-    from panda.backends.base import DistInfo
-    from panda.job import Job
 
     on_gpu = device.startswith("cuda")
     data = {
@@ -157,17 +155,7 @@ def panda_step(folder: Path, args: argparse.Namespace, device: str, quant: bool
     model = apply_lora(model_plugin.build(recipe), recipe.lora, recipe.quant)
     method = registry.get("method", recipe.method.name)(recipe.method.options)
     model = method.prepare(model, SimpleNamespace(recipe=recipe))
-    backend = registry.get("backend", "single")(recipe.backend.options)
-    job = Job(recipe=recipe, backend=backend, dist=DistInfo(device=device),
-              output_dir=Path("unused"), model=model, method=method,
-              optimizer_plugin=registry.get("optimizer", "adamw")(recipe.optim.options),
-              schedule_plugin=registry.get("scheduler", "constant")(recipe.schedule.options),
-              total_steps=10**6)
-    backend.setup(job)
-
-    step = read_like_the_loop(backend.train_step)
-    step.model = backend.model
-    return step
+    return panda_single_step(recipe, model, method, device)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -181,12 +169,7 @@ def measure(name: str, make_step: Callable, folder: Path, batches: list[dict],
     load_s = time.perf_counter() - started
     reset_memory(device)  # the training peak: the model is resident, the load's transient is not
     trainable = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
-    losses = [float(step(batch)) for batch in batches[:args.warmup]]
-    synchronize(device)
-    started = time.perf_counter()
-    losses += [step(batch) for batch in batches[args.warmup:]]
-    synchronize(device)
-    elapsed = time.perf_counter() - started
+    losses, _, elapsed = timed_steps(step, batches, args.warmup, device)
     tokens = args.steps * args.micro_batch * args.seq
     result = {"variant": name, "tokens_per_s": tokens / elapsed, "step_s": elapsed / args.steps,
               "load_s": load_s, "trainable_parameters": trainable,

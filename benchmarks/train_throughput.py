@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (ROOT, RESULTS, append_record, pick_device,  # noqa: E402
-                          read_like_the_loop, reset_memory, synchronize, utc_now, versions)
+                          panda_single_step, peak_memory_gb, reset_memory, timed_steps,
+                          utc_now, versions)
 
 
 def build_model(preset: str, device: str, seed: int = 0):
@@ -86,8 +86,6 @@ def panda_step(model, device: str, compile: bool) -> Callable[[dict], float]:
     """panda's engine: a Job with the single backend, the sft method and the adamw plugin."""
     from panda import recipe as recipe_io
     from panda import registry
-    from panda.backends.base import DistInfo
-    from panda.job import Job
 
     recipe = recipe_io.validate({
         "model": {"preset": "llama3.2-1b", "dtype": "float32"},
@@ -97,24 +95,14 @@ def panda_step(model, device: str, compile: bool) -> Callable[[dict], float]:
         "schedule": {"name": "constant", "warmup_steps": 0},
         "train": {"precision": "bf16", "compile": compile, "gradient_accumulation_steps": 1},
         "backend": {"name": "single"}})
-    backend = registry.get("backend", "single")(recipe.backend.options)
-    job = Job(recipe=recipe, backend=backend, dist=DistInfo(device=device),
-              output_dir=Path("unused"), model=model,
-              method=registry.get("method", "pretrain")(recipe.method.options),
-              optimizer_plugin=registry.get("optimizer", "adamw")(recipe.optim.options),
-              schedule_plugin=registry.get("scheduler", "constant")(recipe.schedule.options),
-              total_steps=10**6)
-    backend.setup(job)
-
-    return read_like_the_loop(backend.train_step)
+    method = registry.get("method", "pretrain")(recipe.method.options)
+    return panda_single_step(recipe, model, method, device)
 
 
 # -- measuring ----------------------------------------------------------------------------
 
 def measure(name: str, make_step: Callable, args: argparse.Namespace, device: str,
             peak: float | None) -> dict[str, Any]:
-    import torch
-
     from panda.train.metrics import flops_per_token
 
     reset_memory(device)
@@ -123,24 +111,16 @@ def measure(name: str, make_step: Callable, args: argparse.Namespace, device: st
     step = make_step(model, device, args.compile_variant)
     vocab = model.config.vocab_size
     batches = list(random_batches(args.warmup + args.steps, args.micro_batch, args.seq, vocab))
-    started = time.perf_counter()
-    for batch in batches[:args.warmup]:  # includes compilation for compiled variants
-        loss = step(batch)
-    synchronize(device)
-    warmup_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for batch in batches[args.warmup:]:
-        loss = step(batch)
-    synchronize(device)
-    elapsed = time.perf_counter() - started
+    # warm-up includes compilation for compiled variants
+    losses, warmup_s, elapsed = timed_steps(step, batches, args.warmup, device)
     tokens = args.steps * args.micro_batch * args.seq
     result = {"variant": name, "tokens_per_s": tokens / elapsed,
               "step_s": elapsed / args.steps, "warmup_s": warmup_s,
-              "last_loss": float(loss)}
+              "last_loss": float(losses[-1])}
     if peak:
         result["mfu"] = tokens * per_token / elapsed / (peak * 1e12)
     if device.startswith("cuda"):
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_mem_gb"] = peak_memory_gb(device)
     del model, step, batches
     gc.collect()
     return result

@@ -69,6 +69,23 @@ def load_benchmark():
 
 
 @pytest.fixture
+def tiny_benchmark_record(tmp_path, load_benchmark):
+    """Run ``benchmarks/NAME.py --tiny ARGS`` into a results file under tmp_path, check that
+    the one JSON line it appended is the record it returned (marked tiny, naming panda's
+    version), and return the record."""
+    import json
+
+    def run(name: str, *args: str) -> dict:
+        results = tmp_path / "results.jsonl"
+        record = load_benchmark(name).main(["--tiny", *args, "--results", str(results)])
+        assert json.loads(results.read_text()) == record
+        assert record["settings"]["tiny"] and "panda" in record["versions"]
+        return record
+
+    return run
+
+
+@pytest.fixture
 def run_panda():
     """Run the real `panda` CLI in a subprocess; returns CompletedProcess (text)."""
 
