@@ -22,6 +22,7 @@ Face names, so conversions are renames, never arithmetic.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from dataclasses import dataclass
@@ -134,12 +135,13 @@ class DecoderLayerPipe(nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids = inputs
         mask = self.make_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                              position_ids=position_ids, **_NO_CACHE[self.make_mask])
+                              position_ids=position_ids, **_no_cache_arguments(self.make_mask))
         hidden = self.layer(hidden, attention_mask=mask, position_ids=position_ids,
                             position_embeddings=self.rotary(hidden, position_ids))
         return hidden, position_ids
 
 
+@functools.cache  # one signature inspection per mask builder, not one per layer call
 def _no_cache_arguments(make_mask: Callable[..., Any]) -> dict[str, None]:
     """The mask builders' "no KV cache" arguments: ``cache`` in newer transformers 5
     releases, ``past_key_values`` (and ``cache_position``) in earlier ones."""
@@ -147,15 +149,6 @@ def _no_cache_arguments(make_mask: Callable[..., Any]) -> dict[str, None]:
 
     names = inspect.signature(make_mask).parameters
     return {name: None for name in ("cache", "past_key_values", "cache_position") if name in names}
-
-
-class _NoCacheArguments(dict):
-    def __missing__(self, make_mask: Callable[..., Any]) -> dict[str, None]:
-        self[make_mask] = _no_cache_arguments(make_mask)
-        return self[make_mask]
-
-
-_NO_CACHE = _NoCacheArguments()
 
 
 def _mask_function(config: Any, index: int) -> Callable[..., Any]:

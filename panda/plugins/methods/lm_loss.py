@@ -19,8 +19,8 @@ logits, 8192 tokens, vocabulary 128256, forward + backward): 2.3 GiB extra and
 3 passes over the logits instead of about 6. The extra memory is that one
 buffer (half an fp32 copy for bf16 logits) plus one fp32 chunk. fp16 logits get
 an fp32 buffer, because fp16 cannot hold the small probabilities before the loss
-scale multiplies them. (Not materialising the logits at all would mean fusing the
-LM head into the loss, which needs a hook into each architecture.)
+scale multiplies them. Not materialising the logits at all is possible where the LM
+head is frozen: see the folded head below.
 
 One kernel, ``ChunkedTokenLogProbs``, serves both this loss (minus the sum of the
 targets' log-probs) and the preference methods' per-row log-probs
