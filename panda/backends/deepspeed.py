@@ -204,8 +204,8 @@ class DeepSpeed(TrainBackend):
         self.config_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         if self.config_use_cache:
             model.config.use_cache = False
-        # A model built partitioned already has the dtype DeepSpeed's config gives it.
-        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        # A model built partitioned (build_model) already has the dtype of DeepSpeed's config.
+        partitioned = getattr(self, "_zero3_model_config", None) is not None
         if precision == "fp32" and not getattr(model, "is_quantized", False) and not partitioned:
             model.float()
         if options.zero_stage < 3 and options.offload_optimizer == "none":
